@@ -1,0 +1,1 @@
+"""Neural networks: patch encoders and MIL aggregators."""

@@ -1,0 +1,1 @@
+"""Jobs: tile, extract, train, heatmap, export, demo, cluster, CLI."""

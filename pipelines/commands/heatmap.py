@@ -1,0 +1,8 @@
+"""`slidepipe heatmap` (placeholder until its issue lands)."""
+
+import typer
+
+
+def command() -> None:
+    """Not implemented yet."""
+    raise typer.Exit(3)

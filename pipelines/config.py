@@ -1,0 +1,234 @@
+"""Pydantic models for every YAML file in ``configs/``, and the load/override/save helpers.
+
+Each CLI verb has a job model (``TileJob``, ``ExtractJob`` ...). A verb loads
+``--config FILE.yaml`` (or the model defaults), then applies the flags the user passed
+(flags override the file), validates, and writes the resolved config into its output.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class TilingConfig(_Model):
+    """How patches are laid on a slide."""
+
+    mpp: float = Field(0.5, gt=0, description="target resolution of patches, µm per pixel")
+    patch_size: int = Field(256, gt=0, description="patch side in pixels at the target mpp")
+    overlap: int = Field(0, ge=0, description="overlap between neighbouring patches, pixels")
+    min_tissue: float = Field(0.5, ge=0, le=1, description="minimum tissue fraction per patch")
+    slide_mpp: float | None = Field(None, gt=0, description="override when the file has no mpp")
+    tissue_mpp: float = Field(8.0, gt=0, description="resolution of the tissue-detection thumbnail")
+    backend: Literal["auto", "openslide", "tiffslide"] = "auto"
+
+
+class StainConfig(_Model):
+    """Stain normalisation applied to patches before they are saved or embedded."""
+
+    method: Literal["none", "macenko", "reinhard", "vahadane"] = "none"
+    target: Path | None = Field(None, description="reference RGB image (PNG/JPEG) or saved fit (JSON)")
+
+
+class ClusterConfig(_Model):
+    """Where work runs: ``local``, ``slurm``, ``pbs`` or a scheduler address ``tcp://host:port``."""
+
+    kind: str = "local"
+    n_workers: int | None = Field(None, ge=1, description="local: worker processes (default: cores)")
+    threads_per_worker: int = Field(1, ge=1)
+    queue: str | None = None
+    account: str | None = None
+    cores: int = Field(1, ge=1, description="cores per job (slurm/pbs)")
+    memory: str = "8GB"
+    walltime: str = "04:00:00"
+    gpus: int = Field(0, ge=0, description="GPUs per job; declared as the worker resource GPU")
+    processes: int = Field(1, ge=1, description="worker processes per job")
+    minimum: int = Field(0, ge=0, description="adaptive scaling: minimum jobs")
+    maximum: int = Field(4, ge=1, description="adaptive scaling: maximum jobs")
+    job_extra_directives: list[str] = Field(default_factory=list)
+    local_directory: str | None = None
+    retries: int = Field(2, ge=0, description="times a slide is retried after its worker died")
+
+
+class TileJob(_Model):
+    """``slidepipe tile``."""
+
+    slides: list[str] = Field(default_factory=list, description="files, directories or globs")
+    out: Path = Path("tiles")
+    tiling: TilingConfig = Field(default_factory=TilingConfig)
+    stain: StainConfig = Field(default_factory=StainConfig)
+    workers: int = Field(1, ge=1, description="reader threads per slide")
+    save_patches: Literal["none", "png", "jpeg"] = "none"
+    skip_corrupt_tiles: bool = False
+    cluster: ClusterConfig | None = None
+
+
+class ExtractJob(_Model):
+    """``slidepipe extract``."""
+
+    slides: list[str] = Field(default_factory=list)
+    out: Path = Path("features.zarr")
+    encoder: str = "ctranspath"
+    weights: str | None = Field(
+        None, description="local file/dir, 'hf-hub:org/name', or 'random' (tests and demos only)"
+    )
+    tiling: TilingConfig = Field(default_factory=TilingConfig)
+    stain: StainConfig = Field(default_factory=StainConfig)
+    batch_size: int = Field(64, ge=1)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    compile: bool = False
+    workers: int = Field(1, ge=1, description="reader threads per slide")
+    overwrite: bool = False
+    skip_corrupt_tiles: bool = False
+    cluster: ClusterConfig | None = None
+
+
+class TrainJob(_Model):
+    """``slidepipe train``."""
+
+    store: Path | None = None
+    labels: Path | None = None
+    out: Path = Path("run")
+    model: str = "abmil"
+    model_kwargs: dict[str, Any] = Field(default_factory=dict)
+    target: str = "label"
+    folds: int = Field(5, ge=2)
+    repeats: int = Field(1, ge=1)
+    test_frac: float = Field(0.0, ge=0, lt=1, description="held-out test share (0: none)")
+    val_frac: float = Field(0.2, gt=0, lt=1, description="validation share inside each training fold")
+    splits: Path | None = Field(None, description="reuse a saved splits file")
+    epochs: int = Field(50, ge=1)
+    patience: int = Field(10, ge=1)
+    lr: float = Field(2e-4, gt=0)
+    weight_decay: float = Field(1e-2, ge=0)
+    batch_size: int = Field(16, ge=1)
+    max_instances: int | None = Field(None, ge=1, description="subsample bags above this size in training")
+    balance: Literal["loss", "sampler", "none"] = "loss"
+    standardize: bool = True
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    allow_missing: bool = False
+    log_csv: bool = True
+    cluster: ClusterConfig | None = None
+
+
+class HeatmapJob(_Model):
+    """``slidepipe heatmap``."""
+
+    run: Path | None = None
+    store: Path | None = None
+    slide: Path | None = None
+    out: Path = Path("heatmaps")
+    fold: int | None = Field(None, description="fold checkpoint to use (default: average of folds)")
+    thumb_mpp: float = Field(8.0, gt=0)
+    cmap: str = "jet"
+    alpha: float = Field(0.45, ge=0, le=1)
+    slide_mpp: float | None = Field(None, gt=0)
+
+
+class ExportJob(_Model):
+    """``slidepipe export-h5``."""
+
+    store: Path | None = None
+    out: Path = Path("h5")
+
+
+class DemoJob(_Model):
+    """``slidepipe demo``."""
+
+    out: Path = Path("demo-out")
+    slides: int = Field(24, ge=4)
+    encoder: str = "tiny-vit"
+    weights: str = "random"
+    folds: int = Field(5, ge=2)
+    seed: int = 0
+    workers: int = Field(2, ge=1)
+
+
+JOBS: dict[str, type[_Model]] = {
+    "tile": TileJob,
+    "extract": ExtractJob,
+    "train": TrainJob,
+    "heatmap": HeatmapJob,
+    "export-h5": ExportJob,
+    "demo": DemoJob,
+}
+
+M = TypeVar("M", bound=BaseModel)
+
+
+class ConfigError(ValueError):
+    """A config file or flag value is invalid; the message names the file and field."""
+
+
+def deep_merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """Merge ``overrides`` into ``base`` recursively; ``None`` values in overrides are ignored."""
+    out = dict(base)
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        elif isinstance(value, dict) and not value:
+            continue
+        else:
+            out[key] = value
+    return out
+
+
+def load_config(model: type[M], path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> M:
+    """Build a job config from an optional YAML file plus flag overrides (flags win)."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except FileNotFoundError as err:
+            raise ConfigError(f"{path}: config file not found. Fix: check the --config path") from err
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML ({err}). Fix: correct the file") from err
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: top level must be a mapping. Fix: write `key: value` lines")
+    data = deep_merge(data, _prune(overrides or {}))
+    try:
+        return model.model_validate(data)
+    except ValidationError as err:
+        where = str(path) if path is not None else "command-line flags"
+        raise ConfigError(f"{where}: invalid {model.__name__} config:\n{err}") from err
+
+
+def _prune(d: dict[str, Any]) -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            v = _prune(v)
+            if not v:
+                continue
+        if v is None:
+            continue
+        out[k] = v
+    return out
+
+
+def config_to_yaml(config: BaseModel) -> str:
+    """The resolved config as YAML (paths as strings)."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+
+
+def save_resolved_config(config: BaseModel, out_dir: str | Path, name: str = "config.yaml") -> Path:
+    """Write the resolved config into ``out_dir`` so every output says how it was made."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / name
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(config_to_yaml(config))
+    tmp.replace(path)
+    return path
