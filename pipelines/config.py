@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 
 class _Model(BaseModel):
@@ -53,8 +53,24 @@ class ClusterConfig(_Model):
     minimum: int = Field(0, ge=0, description="adaptive scaling: minimum jobs")
     maximum: int = Field(4, ge=1, description="adaptive scaling: maximum jobs")
     job_extra_directives: list[str] = Field(default_factory=list)
+    job_script_prologue: list[str] = Field(
+        default_factory=list, description="shell lines run before each worker (module load, venv)"
+    )
     local_directory: str | None = None
+    log_directory: str | None = Field(None, description="slurm/pbs: where job stdout/stderr go")
+    interface: str | None = Field(None, description="network interface for workers, e.g. ib0")
+    scheduler_host: str | None = Field(None, description="slurm/pbs: address the scheduler listens on")
+    dashboard_address: str | None = Field(":8787", description="':0' picks a free port; null: none")
     retries: int = Field(2, ge=0, description="times a slide is retried after its worker died")
+
+    @field_validator("kind")
+    @classmethod
+    def _known_kind(cls, value: str) -> str:
+        if value in ("local", "slurm", "pbs") or "://" in value:
+            return value
+        raise ValueError(
+            f"unknown cluster {value!r}; choose local, slurm, pbs or a scheduler address tcp://host:port"
+        )
 
 
 class TileJob(_Model):
@@ -88,6 +104,13 @@ class ExtractJob(_Model):
     workers: int = Field(1, ge=1, description="reader threads per slide")
     overwrite: bool = False
     skip_corrupt_tiles: bool = False
+    torch_threads: int | None = Field(
+        None, ge=1, description="CPU threads for torch (1: bit-reproducible CPU runs; default: torch's)"
+    )
+    prefetch: int = Field(4, ge=1, description="batches read ahead (across slide boundaries)")
+    claim_ttl: float = Field(
+        600.0, gt=0, description="seconds a claim from another host lives without a heartbeat"
+    )
     cluster: ClusterConfig | None = None
 
 

@@ -6,23 +6,13 @@ import glob
 from collections.abc import Iterable
 from pathlib import Path
 
-SLIDE_SUFFIXES = (
-    ".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif",
-    ".qptiff", ".dcm", ".czi",
-)
+from wsi.slide import SLIDE_SUFFIXES, slide_id_for
+
+__all__ = ["SLIDE_SUFFIXES", "InputError", "expand_slides", "slide_id_for"]
 
 
 class InputError(ValueError):
     """A slide argument matched nothing; the message names it."""
-
-
-def slide_id_for(path: str | Path) -> str:
-    """The slide's id in stores and outputs: its file name without the extension."""
-    name = Path(path).name
-    for suffix in sorted(SLIDE_SUFFIXES, key=len, reverse=True):
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return Path(name).stem
 
 
 def expand_slides(items: Iterable[str | Path]) -> list[Path]:

@@ -1,0 +1,142 @@
+"""Cluster benchmark: tiling throughput with 1 and 2 Dask worker processes, and scheduling overhead.
+
+Both measurements run side by side in one process on the same generated slides:
+
+* tiling: ``map_slides(tile_slide, ...)`` over N generated pyramidal JPEG TIFFs (``bench/make_slide.py``)
+  on a ``LocalCluster`` of 1, then 2 worker processes (1 thread each); workers are warmed up first
+  (imports, Numba JIT) so the timing is steady-state work. Target: 2 processes >= 1.7x one.
+* scheduling overhead: ``map_slides(probe_slide, ...)`` with no-op tasks on 2 workers; wall time
+  per task. Target: < 50 ms per slide.
+
+    python bench/cluster.py --quick          # small slides, a smoke run (about a minute)
+    python bench/cluster.py                  # the real figures (run on a quiet machine)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+TARGET_SPEEDUP = 1.7
+TARGET_OVERHEAD_MS = 50.0
+
+
+def make_slides(folder: Path, n: int, width: int, height: int) -> list[Path]:
+    """Generated slides (cached in ``folder`` between runs)."""
+    from make_slide import make_slide
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(n):
+        path = folder / f"bench-{width}x{height}-{i:02d}.svs"
+        if not path.exists():
+            tmp = path.with_suffix(".tmp.svs")
+            make_slide(tmp, width=width, height=height, mpp=0.25, tissue_fraction=0.4, seed=i)
+            tmp.replace(path)
+        paths.append(path)
+    return paths
+
+
+def time_tiling(paths: list[Path], n_workers: int, out: Path, save_patches: str) -> tuple[float, int]:
+    """Seconds for tiling all ``paths`` on ``n_workers`` processes (after a warm-up), patches."""
+    from pipelines.cluster import cluster_client, map_slides
+    from pipelines.config import ClusterConfig, TileJob
+    from pipelines.tile import tile_slide
+
+    cfg = ClusterConfig(kind="local", n_workers=n_workers, threads_per_worker=1, dashboard_address=None)
+    with cluster_client(cfg) as client:
+        client.wait_for_workers(n_workers)
+        warm = TileJob(slides=[str(paths[0])], out=out / "warmup", save_patches=save_patches)
+        client.run(tile_slide, paths[0], warm)  # imports + Numba JIT on every worker
+        job = TileJob(slides=[str(p) for p in paths], out=out / f"w{n_workers}", save_patches=save_patches)
+        t0 = time.perf_counter()
+        results = map_slides(tile_slide, paths, job, cfg, client=client)
+        seconds = time.perf_counter() - t0
+    failed = [r for r in results if r.status != "done"]
+    if failed:
+        raise SystemExit(f"tiling failed: {failed[0].path}: {failed[0].reason}")
+    return seconds, sum(r.n_patches for r in results)
+
+
+def time_overhead(n_tasks: int, n_workers: int = 2) -> float:
+    """Wall seconds per no-op slide task through ``map_slides`` (cluster already up)."""
+    from pipelines.cluster import cluster_client, map_slides, probe_slide
+    from pipelines.config import ClusterConfig
+
+    cfg = ClusterConfig(kind="local", n_workers=n_workers, threads_per_worker=1, dashboard_address=None)
+    paths = [Path(f"/nonexistent/slide-{i:05d}.svs") for i in range(n_tasks)]
+    with cluster_client(cfg) as client:
+        client.wait_for_workers(n_workers)
+        map_slides(probe_slide, paths[:20], None, cfg, client=client)  # warm-up
+        t0 = time.perf_counter()
+        results = map_slides(probe_slide, paths, None, cfg, client=client)
+        seconds = time.perf_counter() - t0
+    assert len(results) == n_tasks and all(r.status == "done" for r in results)
+    return seconds / n_tasks
+
+
+def machine_info() -> str:
+    import dask
+    import distributed
+    from dask.system import CPU_COUNT
+
+    load = os.getloadavg() if hasattr(os, "getloadavg") else ("?",)
+    return (
+        f"machine: {platform.machine()} {platform.system()}, {os.cpu_count()} cores "
+        f"({CPU_COUNT} usable), load avg {load[0]:.2f}; python {platform.python_version()}, "
+        f"dask {dask.__version__}, distributed {distributed.__version__}"
+    )
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="few small slides and tasks (smoke run)")
+    p.add_argument("--slides", type=int, default=None, help="number of generated slides [16; quick 6]")
+    p.add_argument("--size", type=int, nargs=2, default=None, metavar=("W", "H"),
+                   help="level-0 size of each slide [40000 30000; quick 8000 6000]")
+    p.add_argument("--tasks", type=int, default=None, help="no-op tasks for the overhead [2000; quick 300]")
+    p.add_argument("--save-patches", default="none", choices=["none", "png", "jpeg"],
+                   help="tile job option: also write every patch (heavier, I/O-bound)")
+    p.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "slidepipe-bench-cluster",
+                   help="where generated slides are kept between runs")
+    a = p.parse_args()
+    n = a.slides or (6 if a.quick else 16)
+    w, h = a.size or ((8000, 6000) if a.quick else (40000, 30000))
+    n_tasks = a.tasks or (300 if a.quick else 2000)
+
+    print(machine_info())
+    t0 = time.perf_counter()
+    paths = make_slides(a.cache, n, w, h)
+    print(f"slides: {n} generated pyramidal JPEG TIFFs of {w} x {h} px ({time.perf_counter() - t0:.1f} s)")
+
+    with tempfile.TemporaryDirectory(prefix="slidepipe-bench-") as tmp:
+        s1, patches = time_tiling(paths, 1, Path(tmp), a.save_patches)
+        s2, patches2 = time_tiling(paths, 2, Path(tmp), a.save_patches)
+    assert patches == patches2, "1 and 2 workers must lay the same grid"
+    overhead = time_overhead(n_tasks)
+
+    speedup = s1 / s2
+    rows = [
+        ("tiling, 1 worker process", f"{s1:.2f} s", f"{n / s1:.2f} slides/s", "1.00x", "baseline", ""),
+        ("tiling, 2 worker processes", f"{s2:.2f} s", f"{n / s2:.2f} slides/s", f"{speedup:.2f}x",
+         f">= {TARGET_SPEEDUP}x", "ok" if speedup >= TARGET_SPEEDUP else "MISS"),
+        ("scheduling overhead", f"{overhead * 1e3:.2f} ms/slide", f"{1 / overhead:.0f} tasks/s", "",
+         f"< {TARGET_OVERHEAD_MS:.0f} ms", "ok" if overhead * 1e3 < TARGET_OVERHEAD_MS else "MISS"),
+    ]
+    head = ("measure", "time", "throughput", "ratio", "target", "")
+    widths = [max(len(str(r[i])) for r in (head, *rows)) for i in range(len(head))]
+    for row in (head, *rows):
+        print("  ".join(str(c).ljust(wd) for c, wd in zip(row, widths, strict=True)).rstrip())
+    print(f"({patches} patches per run; {n_tasks} no-op tasks on 2 workers)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,208 @@
+"""Tile-reading throughput on a generated gigapixel slide, all methods side by side in one run.
+
+For each case (256 px at the native level; 224 px at 0.5 µm/px read from a 0.25 µm/px base and
+resized) it reports patches/s for:
+
+  (a) decode limit   decoding each stored tile the grid touches once (pread + imagecodecs, 1 thread)
+  (b) openslide      naive OpenSlide ``read_region`` per patch (+ the same resize), on a sample
+  (c) tiffslide      naive tiffslide ``read_region`` per patch (+ the same resize), on a sample
+  (d) slidepipe      ``wsi.reader.PatchReader`` over the whole grid, 1 and 2 workers
+
+plus tissue detection + grid time and peak RSS while tiling, with the ratios and their targets.
+
+    python bench/make_slide.py /tmp/big.svs            # 100,000 x 80,000 at 0.25 µm/px
+    python bench/tiling.py --slide /tmp/big.svs
+    python bench/tiling.py --quick                     # small generated slide, smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from make_slide import make_slide  # noqa: E402
+
+from wsi.reader import PatchReader, ReadSpec, resize_patch, tile_refcounts  # noqa: E402
+from wsi.slide import open_slide  # noqa: E402
+from wsi.tiff_tiles import TiffTileSource  # noqa: E402
+from wsi.tiling import make_grid  # noqa: E402
+
+
+class PeakRSS:
+    """Peak resident memory of this process while the block runs (sampled every 10 ms)."""
+
+    def __enter__(self) -> PeakRSS:
+        self._proc = psutil.Process()
+        self.peak = self._proc.memory_info().rss
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.01):
+            self.peak = max(self.peak, self._proc.memory_info().rss)
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._proc.memory_info().rss)
+
+
+def best_of(repeat: int, fn) -> float:
+    """Fastest wall time of ``repeat`` runs of ``fn()`` (the machine is shared: noise is upward)."""
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def decode_limit(path: Path, grid, dims) -> tuple[float, int, int]:
+    """Seconds to decode every stored tile the grid touches, once, in one thread."""
+    spec = ReadSpec.from_grid(path, grid)
+    with TiffTileSource.open(path, dims) as src:
+        lv = src.levels[spec.level]
+        keys = np.flatnonzero(tile_refcounts(spec.read_positions(grid.coords), spec.size_read, lv))
+        t0 = time.perf_counter()
+        for key in keys.tolist():
+            ty, tx = divmod(key, lv.tiles_across)
+            src.decode(spec.level, tx, ty)
+        dt = time.perf_counter() - t0
+    return dt, len(keys), lv.tile_width * lv.tile_height
+
+
+def naive(kind: str, path: Path, grid, sample: np.ndarray) -> float:
+    """Seconds for one read_region per sampled patch (+ the same resize as slidepipe)."""
+    if kind == "openslide":
+        import openslide
+
+        slide = openslide.OpenSlide(str(path))
+    else:
+        import tiffslide
+
+        slide = tiffslide.TiffSlide(str(path))
+    size = (grid.patch_size_read, grid.patch_size_read)
+    t0 = time.perf_counter()
+    for x, y in grid.coords[sample].tolist():
+        rgb = np.asarray(slide.read_region((x, y), grid.read_level, size).convert("RGB"))
+        if grid.needs_resize:
+            resize_patch(rgb, grid.patch_size)
+    dt = time.perf_counter() - t0
+    slide.close()
+    return dt
+
+
+def slidepipe(path: Path, grid, workers: int) -> int:
+    n = 0
+    for batch in PatchReader(path, grid, workers=workers, batch_size=64):
+        n += len(batch)
+    return n
+
+
+def warm_page_cache(path: Path) -> None:
+    with open(path, "rb") as f:
+        while f.read(1 << 24):
+            pass
+
+
+def run_case(name: str, path: Path, patch: int, mpp: float, args, rows: list, checks: list) -> None:
+    from wsi.tissue import detect_tissue
+
+    with open_slide(path) as slide:
+        t0 = time.perf_counter()
+        mask = detect_tissue(slide)
+        t_tissue = time.perf_counter() - t0
+        grid = make_grid(slide, mask, patch_size=patch, mpp=mpp, min_tissue=0.5)
+        t_grid = time.perf_counter() - t0
+        dims = slide.level_dimensions
+    n = len(grid)
+    rng = np.random.default_rng(0)
+    sample = np.sort(rng.choice(n, size=min(args.sample, n), replace=False))
+    print(f"\n## {name}: {n} patches of {patch} px at {mpp} µm/px (read level {grid.read_level}, "
+          f"{grid.patch_size_read} px{', resized' if grid.needs_resize else ''}); "
+          f"tissue {t_tissue:.2f} s + grid {t_grid - t_tissue:.2f} s", flush=True)
+
+    dt, n_tiles, tile_px = min((decode_limit(path, grid, dims) for _ in range(args.repeat)), key=lambda r: r[0])
+    rate = {"decode limit": n / dt}
+    print(f"  decode limit: {n_tiles} tiles, {n_tiles * tile_px / dt / 1e6:.0f} Mpx/s", flush=True)
+    for kind in ("openslide", "tiffslide"):
+        rate[f"naive {kind} (sample {len(sample)})"] = len(sample) / best_of(
+            args.repeat, lambda k=kind: naive(k, path, grid, sample)
+        )
+    rss = {}
+    for w in (1, 2):
+        with PeakRSS() as mem:
+            t = best_of(args.repeat, lambda w=w: slidepipe(path, grid, w))
+        rate[f"slidepipe {w} worker{'s' if w > 1 else ''}"] = n / t
+        rss[w] = mem.peak
+    base = rate["decode limit"]
+    for k, v in rate.items():
+        rows.append((name, k, v, v / base))
+    one, two = rate["slidepipe 1 worker"], rate["slidepipe 2 workers"]
+    osl = next(v for k, v in rate.items() if k.startswith("naive openslide"))
+    checks += [
+        (name, "slidepipe 1w / decode limit", one / base, ">= 0.8"),
+        (name, "slidepipe 1w / naive openslide", one / osl, ">= 4"),
+        (name, "slidepipe 2w / 1w", two / one, ">= 1.7"),
+        (name, "tissue + grid (s)", t_grid, f"<= 1 s at 100k x 80k (this slide {dims[0][0]} x {dims[0][1]})"),
+        (name, "peak RSS while tiling (GB)", max(rss.values()) / 1e9, "<= 1.5"),
+    ]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--slide", type=Path, help="an Aperio-style slide at 0.25 µm/px (bench/make_slide.py)")
+    p.add_argument("--quick", action="store_true", help="generate and use a small slide")
+    p.add_argument("--sample", type=int, default=None, help="patches for the naive per-patch baselines")
+    p.add_argument("--repeat", type=int, default=None, help="best of N runs per method")
+    args = p.parse_args()
+    args.sample = args.sample or (300 if args.quick else 3000)
+    args.repeat = args.repeat or (3 if args.quick else 1)
+    tmp = None
+    if args.slide is None:
+        if not args.quick:
+            p.error("pass --slide (make one with bench/make_slide.py) or --quick")
+        tmp = tempfile.TemporaryDirectory()
+        args.slide = Path(tmp.name) / "quick.svs"
+        make_slide(args.slide, width=16_000, height=12_000, mpp=0.25, tissue_fraction=0.4)
+    warm_page_cache(args.slide)
+    with open_slide(args.slide) as s:
+        w, h = s.dimensions
+        slide_mpp = s.mpp
+    print(f"slide {args.slide}: {w} x {h} px at {slide_mpp} µm/px, {args.slide.stat().st_size / 2**20:.0f} MiB")
+    print(f"machine: {platform.machine()} {platform.processor() or ''} | {os.cpu_count()} logical cores "
+          f"({psutil.cpu_count(logical=False)} physical) | load avg {os.getloadavg()[0]:.1f} | "
+          f"RAM {psutil.virtual_memory().total / 2**30:.0f} GiB | Python {platform.python_version()}")
+    rows: list = []
+    checks: list = []
+    run_case("256 px native", args.slide, 256, slide_mpp, args, rows, checks)
+    run_case("224 px @ 0.5 from 0.25", args.slide, 224, 0.5, args, rows, checks)
+
+    print(f"\n{'case':<24} {'method':<34} {'patches/s':>10} {'x decode limit':>15}")
+    for case, method, v, r in rows:
+        print(f"{case:<24} {method:<34} {v:>10.0f} {r:>15.2f}")
+    print(f"\n{'case':<24} {'check':<34} {'value':>10}  target")
+    for case, what, v, target in checks:
+        print(f"{case:<24} {what:<34} {v:>10.2f}  {target}")
+    print(f"\nnaive baselines: {args.sample} randomly sampled grid patches each (same per-patch cost "
+          f"model); best of {args.repeat} run(s) per method; process max RSS "
+          f"{psutil.Process().memory_info().rss / 1e9:.2f} GB now")
+    if tmp is not None:
+        tmp.cleanup()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,450 @@
+"""``slidepipe extract``: slides → tissue → grid → tiles → (stain) → encoder → Zarr feature store.
+
+Resumable and safe to share: each slide is claimed in the store, written aside and moved in by one
+rename (see :mod:`wsi.store`). A background thread opens slides, detects tissue, lays the grid and
+reads (and, on CPU, stain-normalises) patches, running ahead across slide boundaries, so the
+encoder does not idle while the next slide is prepared. The main thread runs the encoder and
+writes. A slide that fails is reported with its reason; the batch goes on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+import numpy as np
+
+from pipelines.config import ExtractJob, config_to_yaml
+from pipelines.summary import RunSummary, SlideResult
+from wsi.errors import StoreMismatchError
+from wsi.store import FeatureStore, SlideClaimedError, SlideWriter
+
+if TYPE_CHECKING:
+    import torch
+
+    from models.encoders import Encoder
+    from wsi.tiling import TileGrid
+
+log = logging.getLogger(__name__)
+
+
+class ExtractProgress(Protocol):
+    """What the CLI's progress display is told (all methods optional to act on)."""
+
+    def slide_started(self, slide_id: str, n_patches: int) -> None: ...
+    def patches_done(self, n: int) -> None: ...
+    def slide_finished(self, result: SlideResult) -> None: ...
+
+
+class _NoProgress:
+    def slide_started(self, slide_id: str, n_patches: int) -> None:
+        pass
+
+    def patches_done(self, n: int) -> None:
+        pass
+
+    def slide_finished(self, result: SlideResult) -> None:
+        pass
+
+
+# ---------------------------------------------------------------------------- identities
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return "sha256:" + h.hexdigest()
+
+
+def store_identity(job: ExtractJob, encoder: Encoder) -> dict[str, Any]:
+    """Root identity of the store this job writes: encoder + weights, tiling, stain."""
+    t = job.tiling
+    target = job.stain.target
+    stain: dict[str, Any] = {"method": job.stain.method, "target": None, "target_hash": None}
+    if job.stain.method != "none" and target is not None:
+        stain["target"] = str(Path(target).name)
+        stain["target_hash"] = _file_sha256(Path(target)) if Path(target).is_file() else None
+    return {
+        "encoder": {"name": encoder.spec.name, "weights_id": encoder.weights_id, "dim": int(encoder.embed_dim)},
+        "tiling": {
+            "mpp": t.mpp,
+            "patch_size": t.patch_size,
+            "overlap": t.overlap,
+            "min_tissue": t.min_tissue,
+            "tissue_mpp": t.tissue_mpp,
+        },
+        "stain": stain,
+    }
+
+
+# ---------------------------------------------------------------------------- encoder runtime
+_ENCODERS: dict[tuple[str, str, str, bool], Encoder] = {}
+_ENCODERS_LOCK = threading.Lock()
+
+
+def load_encoder(job: ExtractJob) -> Encoder:
+    """The job's encoder on its device, tuned for inference; cached per process (Dask workers)."""
+    from models.encoders import create_encoder, prepare_for_inference, resolve_device
+
+    if job.torch_threads is not None:
+        import torch
+
+        torch.set_num_threads(job.torch_threads)
+    device = resolve_device(job.device)
+    key = (job.encoder, str(job.weights), str(device), job.compile)
+    with _ENCODERS_LOCK:
+        if key not in _ENCODERS:
+            enc = create_encoder(job.encoder, weights=job.weights, device=device)
+            _ENCODERS[key] = prepare_for_inference(enc, compile=job.compile)
+            native = enc.spec.native_mpp
+            if native and abs(job.tiling.mpp / native - 1) > 0.1:
+                log.warning(
+                    "%s was trained at %.2f µm/px; extracting at %.2f µm/px (set --mpp %.2f to match)",
+                    enc.spec.name, native, job.tiling.mpp, native,
+                )
+        return _ENCODERS[key]
+
+
+class _Embedder:
+    """Runs encoder forwards; results are fetched one batch late so CUDA copies overlap compute."""
+
+    def __init__(self, encoder: Encoder, precision: str) -> None:
+        import torch
+
+        from models.encoders import resolve_precision
+
+        self.torch = torch
+        self.encoder = encoder
+        self.device = encoder.device
+        self.dtype = resolve_precision(precision, self.device)
+        self.cuda = self.device.type == "cuda"
+
+    def to_tensor(self, images: np.ndarray) -> torch.Tensor:
+        """uint8 batch → tensor, pinned when the encoder is on CUDA (called in the reader thread)."""
+        x = self.torch.from_numpy(np.ascontiguousarray(images))
+        return x.pin_memory() if self.cuda else x
+
+    def launch(self, images: torch.Tensor, normalizer: Any = None) -> torch.Tensor:
+        torch = self.torch
+        with torch.inference_mode():
+            x = images.to(self.device, non_blocking=True)
+            if normalizer is not None:
+                x = normalizer.transform_torch(x)
+            x = self.encoder.preprocess(x)
+            if self.dtype == torch.float32:
+                return self.encoder(x)
+            with torch.autocast(device_type=self.device.type, dtype=self.dtype):
+                return self.encoder(x)
+
+    def fetch(self, out: torch.Tensor) -> np.ndarray:
+        return out.float().cpu().numpy()
+
+
+# ---------------------------------------------------------------------------- per-slide work
+@dataclass
+class _Work:
+    """One slide travelling from the reader thread to the encoder thread."""
+
+    path: Path
+    slide_id: str
+    t0: float
+    stack: contextlib.ExitStack
+    grid: TileGrid | None = None
+    attrs: dict[str, Any] = field(default_factory=dict)
+    writer: SlideWriter | None = None
+    n_done: int = 0
+    error: BaseException | None = None
+
+    def result(self, status: str, **kw: Any) -> SlideResult:
+        return SlideResult(self.slide_id, str(self.path), status, seconds=round(time.perf_counter() - self.t0, 3), **kw)
+
+
+@dataclass
+class _Event:
+    kind: str  # start | batch | end | fail | skip | busy
+    work: _Work
+    images: Any = None
+    coords: np.ndarray | None = None
+    indices: np.ndarray | None = None
+    reason: str | None = None
+    error: BaseException | None = None
+
+
+def _stain_normalizer(job: ExtractJob):
+    if job.stain.method == "none":
+        return None
+    from wsi.stain import load_normalizer
+
+    return load_normalizer(job.stain.method, job.stain.target)
+
+
+class _Producer:
+    """Generates events for all slides: open, claim, tissue, grid, read patches (reader thread)."""
+
+    def __init__(self, paths: Sequence[Path], job: ExtractJob, store: FeatureStore, embedder: _Embedder,
+                 cpu_normalizer: Any) -> None:
+        self.paths = paths
+        self.job = job
+        self.store = store
+        self.embedder = embedder
+        self.normalizer = cpu_normalizer
+
+    def __iter__(self) -> Iterator[_Event]:
+        for path in self.paths:
+            yield from self._slide(Path(path))
+
+    def _slide(self, path: Path) -> Iterator[_Event]:
+        from wsi.reader import PatchReader
+        from wsi.slide import open_slide, slide_id_for
+        from wsi.tiling import make_grid
+        from wsi.tissue import detect_tissue
+
+        job, store, t = self.job, self.store, self.job.tiling
+        work = _Work(path, slide_id_for(path), time.perf_counter(), contextlib.ExitStack())
+        started = False
+        try:
+            slide = work.stack.enter_context(open_slide(path, backend=t.backend, mpp=t.slide_mpp))
+            source = {**slide.identity(), "slide_mpp": float(slide.mpp), "mpp_source": slide.mpp_source}
+            if store.check_slide(work.slide_id, source, overwrite=job.overwrite):
+                work.stack.close()
+                yield _Event("skip", work, reason="already in the store with the same identity")
+                return
+            try:
+                work.stack.enter_context(store.claim(work.slide_id))
+            except SlideClaimedError as err:
+                work.stack.close()
+                yield _Event("busy", work, reason=str(err))
+                return
+            if store.check_slide(work.slide_id, source, overwrite=job.overwrite) and not job.overwrite:
+                work.stack.close()  # finished by another process between our check and our claim
+                yield _Event("skip", work, reason="written by another process meanwhile")
+                return
+            mask = detect_tissue(slide, target_mpp=t.tissue_mpp)
+            grid = make_grid(
+                slide, mask, patch_size=t.patch_size, mpp=t.mpp, overlap=t.overlap, min_tissue=t.min_tissue
+            )
+            work.grid = grid
+            work.attrs = {
+                "slide_id": work.slide_id,
+                "source": source,
+                "slide_mpp": float(slide.mpp),
+                "mpp_source": slide.mpp_source,
+                "backend": slide.backend,
+                "read_level": grid.read_level,
+                "read_level_dimensions": list(slide.level_dimensions[grid.read_level]),
+                "effective_mpp": grid.effective_mpp,
+                "tissue_fraction": float(getattr(mask, "fraction", float("nan"))),
+                "grid": grid.to_attrs(),
+                "written_by": {"host": socket.gethostname(), "pid": os.getpid()},
+            }
+            yield _Event("start", work)
+            started = True
+            if len(grid) == 0:
+                yield _Event("end", work)
+                return
+            reader = PatchReader(
+                slide, grid, batch_size=job.batch_size, workers=job.workers,
+                skip_corrupt_tiles=job.skip_corrupt_tiles,
+            )
+            for batch in reader:
+                images = batch.images
+                if self.normalizer is not None:
+                    images = self.normalizer.transform(images)
+                yield _Event("batch", work, images=self.embedder.to_tensor(images),
+                             coords=np.asarray(batch.coords, np.int64), indices=np.asarray(batch.indices))
+            skipped = [[int(i), str(r)] for i, r in getattr(reader, "skipped", [])]
+            if skipped:
+                work.attrs["skipped_tiles"] = skipped
+            yield _Event("end", work)
+        except Exception as err:  # one bad slide never stops the batch
+            if not started:
+                work.stack.close()
+            yield _Event("fail", work, error=err)
+        except GeneratorExit:  # the consumer stopped early: release what is not handed over yet
+            if not started:
+                work.stack.close()
+            raise
+
+
+class _Consumer:
+    """Encodes batches and writes them; turns events into SlideResults (main thread)."""
+
+    def __init__(self, store: FeatureStore, embedder: _Embedder, gpu_normalizer: Any,
+                 progress: ExtractProgress) -> None:
+        self.store = store
+        self.embedder = embedder
+        self.normalizer = gpu_normalizer
+        self.progress = progress
+        self.pending: list[tuple[_Work, np.ndarray, np.ndarray, Any]] = []
+        self.open: dict[int, _Work] = {}
+
+    def handle(self, ev: _Event) -> SlideResult | None:
+        w = ev.work
+        if ev.kind in ("skip", "busy"):
+            status = "skipped"
+            res = w.result(status, reason=ev.reason, extra={"busy": ev.kind == "busy"})
+            if ev.kind == "skip":
+                attrs = self.store.slide_attrs(w.slide_id) or {}
+                res.n_patches = int(attrs.get("n_tiles", 0))
+            return res
+        if ev.kind == "fail":
+            self._drain(w)
+            return self._abort(w, ev.error)
+        if w.error is not None:  # slide already failed on the encoder side: drop its events
+            return None
+        try:
+            if ev.kind == "start":
+                self.open[id(w)] = w
+                w.writer = w.stack.enter_context(
+                    self.store.writer(w.slide_id, dim=self.embedder.encoder.embed_dim,
+                                      capacity=len(w.grid), attrs=w.attrs)
+                )
+                self.progress.slide_started(w.slide_id, len(w.grid))
+            elif ev.kind == "batch":
+                out = self.embedder.launch(ev.images, self.normalizer)
+                self._drain()  # fetch the previous batch while this one computes
+                self.pending.append((w, ev.coords, w.grid.tissue[ev.indices], out))
+            elif ev.kind == "end":
+                self._drain()
+                w.stack.close()  # writer commits (one rename), claim released, slide closed
+                self.open.pop(id(w), None)
+                seconds = time.perf_counter() - w.t0
+                log.info("encoded slide %s: %d patches in %.1f s (pid %d)", w.slide_id, w.n_done, seconds, os.getpid())
+                extra = {"patches_per_s": round(w.n_done / seconds, 2) if seconds > 0 else None,
+                         "n_grid": len(w.grid)}
+                if "skipped_tiles" in w.attrs:
+                    extra["skipped_tiles"] = len(w.attrs["skipped_tiles"])
+                return w.result("done", n_patches=w.n_done, extra=extra)
+        except Exception as err:
+            self.pending = [p for p in self.pending if p[0] is not w]
+            return self._abort(w, err)
+        return None
+
+    def _drain(self, only: _Work | None = None) -> None:
+        keep = []
+        for w, coords, tissue, out in self.pending:
+            if only is not None and w is not only:
+                keep.append((w, coords, tissue, out))
+                continue
+            if w.error is None:
+                feats = self.embedder.fetch(out)
+                w.writer.append(feats, coords, tissue)
+                w.n_done += len(coords)
+                self.progress.patches_done(len(coords))
+        self.pending = keep
+
+    def _abort(self, w: _Work, err: BaseException) -> SlideResult:
+        w.error = err
+        self.open.pop(id(w), None)
+        with contextlib.suppress(Exception):
+            w.stack.__exit__(type(err), err, err.__traceback__)  # staging removed, claim released
+        log.warning("%s: failed: %s", w.path, err)
+        return SlideResult.failed(w.slide_id, w.path, err, seconds=round(time.perf_counter() - w.t0, 3))
+
+    def close_all(self, err: BaseException) -> None:
+        for w in list(self.open.values()):
+            self._abort(w, err)
+
+
+def _prefetch(iterable, depth: int):
+    from wsi.reader import prefetch
+
+    return prefetch(iterable, depth)
+
+
+def _run_slides(
+    paths: Sequence[Path], job: ExtractJob, store: FeatureStore, encoder: Encoder, progress: ExtractProgress
+) -> list[SlideResult]:
+    embedder = _Embedder(encoder, job.precision)
+    normalizer = _stain_normalizer(job)
+    on_gpu = embedder.cuda and normalizer is not None and hasattr(normalizer, "transform_torch")
+    producer = _Producer(paths, job, store, embedder, None if on_gpu else normalizer)
+    consumer = _Consumer(store, embedder, normalizer if on_gpu else None, progress)
+    results: dict[str, SlideResult] = {}
+    try:
+        for ev in _prefetch(producer, job.prefetch):
+            res = consumer.handle(ev)
+            if res is not None:
+                results[res.path] = res
+                if not (res.status == "skipped" and res.extra.get("busy")):
+                    progress.slide_finished(res)
+    except BaseException as err:
+        consumer.close_all(err)
+        raise
+    # slides another process held: they may be done now, or free again if that process failed
+    busy = [p for p in paths if results.get(str(p)) is not None and results[str(p)].extra.get("busy")]
+    if busy:
+        producer.paths = busy
+        for ev in _prefetch(producer, job.prefetch):
+            res = consumer.handle(ev)
+            if res is not None:
+                results[res.path] = res
+                progress.slide_finished(res)
+    return [results[str(p)] for p in paths]
+
+
+# ---------------------------------------------------------------------------- public API
+def open_store(job: ExtractJob, encoder: Encoder) -> FeatureStore:
+    """Open (or create) the job's store and check (or record) its identity."""
+    store = FeatureStore(job.out, claim_ttl=job.claim_ttl)
+    store.ensure_identity(store_identity(job, encoder), overwrite=job.overwrite)
+    return store
+
+
+def extract_slide(
+    path: str | Path, job: ExtractJob, *, encoder: Encoder | None = None, store: FeatureStore | None = None
+) -> SlideResult:
+    """Extract one slide into ``job.out`` (safe in a Dask worker; returns a plain, picklable result).
+
+    Errors of the slide are reported in the result, not raised; a store of another identity
+    raises ``StoreMismatchError``.
+    """
+    encoder = encoder if encoder is not None else load_encoder(job)
+    store = store if store is not None else open_store(job, encoder)
+    return _run_slides([Path(path)], job, store, encoder, _NoProgress())[0]
+
+
+def run_extract(
+    job: ExtractJob, *, progress: ExtractProgress | None = None, encoder: Encoder | None = None
+) -> RunSummary:
+    """Extract every slide of ``job``; writes the summary to ``<store>/runs/<time>-<pid>-summary.json``.
+
+    Raises ``StoreMismatchError`` (before any work) if the store has another identity and
+    ``job.overwrite`` is not set; per-slide failures are in the summary.
+    """
+    from pipelines.inputs import expand_slides
+
+    summary = RunSummary("extract")
+    paths = expand_slides(job.slides)
+    encoder = encoder if encoder is not None else load_encoder(job)
+    store = open_store(job, encoder)
+    store.clean_staging()
+    config = job.model_dump(mode="json")
+    config["resolved"] = {"encoder": encoder.identity(), "device": str(encoder.device),
+                          "n_slides": len(paths)}
+    store.save_config(config)
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    runs = Path(job.out) / "runs"
+    runs.mkdir(parents=True, exist_ok=True)
+    (runs / f"{stamp}-{os.getpid()}-config.yaml").write_text(config_to_yaml(job))
+    log.info("extracting %d slides into %s with %s (%s)", len(paths), job.out, encoder.spec.name, encoder.device)
+    try:
+        for res in _run_slides(paths, job, store, encoder, progress or _NoProgress()):
+            summary.add(res)
+    finally:
+        summary.finished = time.time()
+        summary.write(runs / f"{stamp}-{os.getpid()}-summary.json")
+    return summary
+
+
+__all__ = ["ExtractProgress", "StoreMismatchError", "extract_slide", "load_encoder", "open_store",
+           "run_extract", "store_identity"]

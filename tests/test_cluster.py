@@ -1,0 +1,294 @@
+"""pipelines.cluster: cluster configs, map_slides on real Dask clusters, worker loss, real SLURM.
+
+Tests that start a Dask cluster or SLURM are marked ``cluster`` (run them with ``-m cluster``).
+Task functions live at module level: Dask's spawned workers import this module by name.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import dask
+import numpy as np
+import pytest
+import yaml
+from slurm_harness import SlurmNode, slurm  # noqa: F401  (session fixture)
+
+from pipelines.cluster import (
+    ClusterError,
+    cluster_client,
+    gpu_resources,
+    jobqueue_kwargs,
+    local_workers,
+    map_slides,
+    probe_slide,
+    resolve_cluster,
+    run_slides,
+)
+from pipelines.config import ClusterConfig, ConfigError, load_config
+from pipelines.inputs import slide_id_for
+from pipelines.summary import SlideResult
+from wsi.store import FeatureStore
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+REAL = SHARED / "slides" / "real"
+REPO = Path(__file__).resolve().parents[1]
+
+
+def real_slides() -> list[Path]:
+    if not REAL.is_dir():
+        pytest.skip(f"test slides not found in {REAL}")
+    return sorted(p for p in REAL.iterdir() if p.suffix in (".svs", ".tif", ".tiff"))
+
+
+def local_cfg(**kw) -> ClusterConfig:
+    return ClusterConfig(kind="local", n_workers=2, dashboard_address=":0", **kw)
+
+
+# --- a small store-writing task: real files, real store, deterministic -------------------------
+
+@dataclass(frozen=True)
+class StoreJob:
+    out: Path
+    markers: Path | None = None  # kill the worker the first time each slide is processed
+    victim: str | None = None  # kill the worker every time this slide is processed
+
+
+def write_slide(path: Path, job: StoreJob) -> SlideResult:
+    """Features from the slide file's bytes, streamed into the store; optionally dies mid-slide."""
+    sid = slide_id_for(path)
+    store = FeatureStore(job.out)
+    if store.is_complete(sid):
+        return SlideResult(sid, str(path), "skipped")
+    raw = np.frombuffer(path.read_bytes()[: 64 * 16], dtype=np.uint8).astype(np.float32)
+    feats = raw.reshape(-1, 16) / 255.0
+    coords = np.stack([np.arange(len(feats)), np.arange(len(feats)) * 2], axis=1)
+    with store.writer(sid, dim=16, attrs={"source": str(path)}) as w:
+        w.append(feats[:32], coords[:32])
+        if job.victim == sid:
+            os.kill(os.getpid(), signal.SIGKILL)
+        if job.markers is not None:
+            marker = job.markers / f"{sid}.killed"
+            if not marker.exists():
+                marker.write_text(str(os.getpid()))
+                os.kill(os.getpid(), signal.SIGKILL)
+        w.append(feats[32:], coords[32:])
+    return SlideResult(sid, str(path), "done", n_patches=len(feats))
+
+
+def store_content(path: Path) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    store = FeatureStore(path, mode="r")
+    out = {}
+    for sid in store.slide_ids():
+        s = store.read(sid)
+        out[sid] = (np.asarray(s.features), np.asarray(s.coords), np.asarray(s.tissue))
+    return out
+
+
+def assert_same_store(a: Path, b: Path, *, atol: float = 0.0) -> None:
+    ca, cb = store_content(a), store_content(b)
+    assert sorted(ca) == sorted(cb)
+    for sid in ca:
+        fa, xa, ta = ca[sid]
+        fb, xb, tb = cb[sid]
+        np.testing.assert_array_equal(xa, xb, err_msg=sid)
+        np.testing.assert_array_equal(ta, tb, err_msg=sid)
+        np.testing.assert_allclose(fa.astype(np.float32), fb.astype(np.float32), atol=atol, err_msg=sid)
+
+
+# --- config (no cluster) ---------------------------------------------------------------------
+
+def test_cluster_kind_is_validated():
+    assert ClusterConfig(kind="tcp://10.0.0.1:8786").kind == "tcp://10.0.0.1:8786"
+    with pytest.raises(ConfigError, match="choose local, slurm, pbs"):
+        load_config(ClusterConfig, None, {"kind": "kubernetes"})
+
+
+def test_resolve_cluster_layers_file_then_flag(tmp_path):
+    assert resolve_cluster(None) is None
+    f = tmp_path / "c.yaml"
+    f.write_text(yaml.safe_dump({"kind": "slurm", "queue": "gpu", "cores": 8}))
+    base = ClusterConfig(kind="local", account="lab", cores=2)
+    cfg = resolve_cluster(base, None, f)
+    assert (cfg.kind, cfg.queue, cfg.cores, cfg.account) == ("slurm", "gpu", 8, "lab")
+    cfg = resolve_cluster(base, "pbs", f)
+    assert cfg.kind == "pbs" and cfg.queue == "gpu"
+    assert resolve_cluster(None, "local").kind == "local"
+
+
+def test_shipped_cluster_configs_validate():
+    files = sorted((REPO / "configs" / "cluster").glob("*.yaml"))
+    assert {f.stem for f in files} >= {"local", "slurm", "pbs"}
+    for f in files:
+        cfg = load_config(ClusterConfig, f)
+        assert cfg.kind == f.stem
+
+
+def test_local_cluster_is_sized_to_the_machine():
+    from dask.system import CPU_COUNT
+
+    assert local_workers(ClusterConfig()) == CPU_COUNT
+    assert local_workers(ClusterConfig(threads_per_worker=2)) == max(1, CPU_COUNT // 2)
+    assert local_workers(ClusterConfig(n_workers=3)) == 3
+    assert gpu_resources(ClusterConfig(gpus=2)) == {"GPU": 1}
+    assert gpu_resources(ClusterConfig()) is None and gpu_resources(None) is None
+
+
+def test_jobqueue_kwargs_gpu_resources_and_site_config():
+    cfg = ClusterConfig(kind="slurm", queue="gpu", account="lab", cores=8, memory="64GB", gpus=1)
+    kw = jobqueue_kwargs(cfg)
+    assert kw["worker_extra_args"] == ["--resources", "GPU=1"]
+    assert "--gres=gpu:1" in kw["job_extra_directives"]
+    assert (kw["queue"], kw["account"], kw["cores"], kw["memory"]) == ("gpu", "lab", 8, "64GB")
+    # A site config (~/.config/dask/jobqueue.yaml) fills what the project config leaves unset.
+    with dask.config.set({"jobqueue.slurm.queue": "site-q", "jobqueue.slurm.memory": "128GB"}):
+        kw = jobqueue_kwargs(ClusterConfig(kind="slurm", memory="16GB"))
+        assert "queue" not in kw  # dask-jobqueue reads it from the site config itself
+        assert kw["memory"] == "16GB"  # explicitly set in the project config: wins
+    with pytest.raises(ClusterError, match="GPU"):
+        jobqueue_kwargs(ClusterConfig(kind="slurm", gpus=1, processes=2))
+
+
+def test_slurm_job_script_has_the_directives():
+    cfg = ClusterConfig(
+        kind="slurm", queue="debug", account="lab", cores=4, memory="8GB", walltime="01:00:00",
+        gpus=2, processes=2, job_extra_directives=["--constraint=a100"], dashboard_address=None,
+        scheduler_host="127.0.0.1",
+    )
+    import dask_jobqueue
+
+    with dask_jobqueue.SLURMCluster(**jobqueue_kwargs(cfg)) as cluster:
+        script = cluster.job_script()
+    for line in ("#SBATCH -p debug", "#SBATCH -A lab", "#SBATCH -t 01:00:00",
+                 "#SBATCH --constraint=a100", "#SBATCH --gres=gpu:2", "--resources GPU=1", "--nworkers 2"):
+        assert line in script, line
+
+
+def test_pbs_job_script():
+    import dask_jobqueue
+
+    cfg = ClusterConfig(kind="pbs", queue="workq", account="proj", cores=2, memory="4GB",
+                        dashboard_address=None, scheduler_host="127.0.0.1")
+    with dask_jobqueue.PBSCluster(**jobqueue_kwargs(cfg)) as cluster:
+        script = cluster.job_script()
+    assert "#PBS -q workq" in script and "#PBS -A proj" in script and "ncpus=2" in script
+
+
+def test_run_slides_without_cluster_runs_here(tmp_path):
+    paths = real_slides()[:2]
+    seen = []
+    results = run_slides(probe_slide, paths, StoreJob(tmp_path), progress=seen.append)
+    assert [r.slide_id for r in results] == [slide_id_for(p) for p in paths]
+    assert {r.extra["pid"] for r in results} == {os.getpid()}
+    assert seen == results
+
+
+def test_unreachable_scheduler_is_a_clear_error():
+    with dask.config.set({"distributed.comm.timeouts.connect": "1s"}), \
+            pytest.raises(ClusterError, match="cannot reach the Dask scheduler"), \
+            cluster_client(ClusterConfig(kind="tcp://127.0.0.1:1")):
+        pass
+
+
+# --- local Dask cluster ----------------------------------------------------------------------
+
+@pytest.mark.cluster
+def test_map_slides_spreads_over_two_processes_in_input_order(tmp_path):
+    paths = [tmp_path / f"s{i:02d}.svs" for i in range(12)]
+    for p in paths:
+        p.write_bytes(b"x")
+    seen: list[SlideResult] = []
+    results = map_slides(probe_slide, paths, None, local_cfg(), progress=seen.append)
+    assert [r.slide_id for r in results] == [p.stem for p in paths]
+    assert all(r.status == "done" and r.extra["exists"] for r in results)
+    assert len({r.extra["pid"] for r in results}) == 2
+    assert os.getpid() not in {r.extra["pid"] for r in results}
+    assert sorted(r.slide_id for r in seen) == [p.stem for p in paths]
+
+
+@pytest.mark.cluster
+def test_two_processes_same_store_and_worker_killed_mid_slide(tmp_path):
+    paths = real_slides()
+    serial = run_slides(write_slide, paths, StoreJob(tmp_path / "serial.zarr"))
+    assert all(r.status == "done" for r in serial)
+
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    job = StoreJob(tmp_path / "cluster.zarr", markers=markers)
+    results = map_slides(write_slide, paths, job, local_cfg(retries=2))
+    assert [r.status for r in results] == ["done"] * len(paths), [r.reason for r in results]
+    assert len(list(markers.iterdir())) == len(paths)  # every slide's first worker was killed
+    assert_same_store(tmp_path / "serial.zarr", tmp_path / "cluster.zarr")
+    store = FeatureStore(tmp_path / "cluster.zarr", mode="r")
+    assert not list((store.path / ".staging").iterdir())  # no partial slide left behind
+    assert not list((store.path / ".claims").glob("*.claim"))
+
+
+@pytest.mark.cluster
+def test_slide_that_always_kills_its_worker_is_failed_and_the_rest_complete(tmp_path):
+    paths = real_slides()
+    victim = slide_id_for(paths[0])
+    job = StoreJob(tmp_path / "s.zarr", victim=victim)
+    results = map_slides(write_slide, paths, job, local_cfg(retries=1))
+    by_id = {r.slide_id: r for r in results}
+    assert by_id[victim].status == "failed"
+    assert by_id[victim].error_type == "KilledWorker"
+    assert "worker died 2 times" in by_id[victim].reason
+    assert all(r.status == "done" for sid, r in by_id.items() if sid != victim)
+    store = FeatureStore(job.out, mode="r")
+    assert victim not in store.slide_ids()  # never a partial slide
+    assert store.slide_ids() == sorted(set(by_id) - {victim})
+
+
+@pytest.mark.cluster
+def test_existing_scheduler_by_address(tmp_path):
+    from distributed import LocalCluster
+
+    with LocalCluster(n_workers=1, threads_per_worker=1, dashboard_address=":0") as lc:
+        cfg = ClusterConfig(kind=lc.scheduler_address)
+        results = map_slides(probe_slide, real_slides()[:2], None, cfg)
+        assert all(r.status == "done" for r in results)
+        assert len(lc.scheduler.workers) == 1  # the existing cluster is left running
+
+
+# --- real SLURM ------------------------------------------------------------------------------
+
+def slurm_cfg(node: SlurmNode, tmp_path: Path, **kw) -> ClusterConfig:
+    return ClusterConfig(
+        kind="slurm", queue=node.partition, cores=1, memory="2GB", processes=1, walltime="00:10:00",
+        minimum=0, maximum=2, scheduler_host="127.0.0.1", dashboard_address=None,
+        log_directory=str(tmp_path / "slurm-logs"), local_directory=str(tmp_path / "dask-tmp"),
+        job_script_prologue=[f"export PYTHONPATH={Path(__file__).parent}"], **kw,  # for write_slide
+    )
+
+
+@pytest.mark.cluster
+def test_slurm_map_slides(slurm, tmp_path):  # noqa: F811
+    paths = real_slides()
+    results = map_slides(probe_slide, paths, None, slurm_cfg(slurm, tmp_path))
+    assert [r.slide_id for r in results] == [slide_id_for(p) for p in paths]
+    assert all(r.status == "done" and r.extra["exists"] for r in results)
+    assert os.getpid() not in {r.extra["pid"] for r in results}
+    assert list((tmp_path / "slurm-logs").glob("*.err"))  # the workers really were SLURM jobs
+
+
+@pytest.mark.cluster
+def test_slurm_store_equals_serial_store(slurm, tmp_path):  # noqa: F811
+    paths = real_slides()
+    run_slides(write_slide, paths, StoreJob(tmp_path / "serial.zarr"))
+    job = StoreJob(tmp_path / "slurm.zarr")
+    results = map_slides(write_slide, paths, job, slurm_cfg(slurm, tmp_path))
+    assert all(r.status == "done" for r in results), [r.reason for r in results]
+    assert_same_store(tmp_path / "serial.zarr", tmp_path / "slurm.zarr")
+
+
+def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "pipelines.cli", *args], cwd=cwd, capture_output=True, text=True,
+        timeout=600, env={**os.environ, "PYTHONPATH": str(Path(__file__).parent)},
+    )

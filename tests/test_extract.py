@@ -1,0 +1,299 @@
+"""slidepipe extract / export-h5 on the real test slides with the tiny random-weight encoder."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import zarr
+
+from pipelines.config import ExtractJob, TilingConfig
+from pipelines.export import export_h5
+from pipelines.extract import extract_slide, load_encoder, run_extract
+from wsi.errors import StoreMismatchError
+from wsi.store import FeatureStore
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+REAL = SHARED / "slides" / "real"
+BAD = SHARED / "slides" / "bad"
+TCGA = REAL / "tcga-cr-7395-01a-01-ts1.svs"
+TINY = REAL / "tiny-aperio.svs"
+REAL_IDS = ["boxes-pyramid", "cmu-1-small-region", "kidney-48-5", "tcga-cr-7395-01a-01-ts1", "tiny-aperio"]
+
+pytestmark = pytest.mark.skipif(not REAL.is_dir(), reason="shared test slides not available")
+
+
+def make_job(out: Path, slides: list, **kw) -> ExtractJob:
+    tiling = {"mpp": 1.0, "patch_size": 224, "min_tissue": 0.25, "slide_mpp": 0.5, **kw.pop("tiling", {})}
+    return ExtractJob(
+        slides=[str(s) for s in slides], out=out, encoder="tiny-vit", weights="random",
+        tiling=TilingConfig(**tiling), batch_size=16, device="cpu", torch_threads=1, **kw,
+    )
+
+
+def cli_args(job: ExtractJob) -> list[str]:
+    t = job.tiling
+    return [
+        "extract", *job.slides, "--out", str(job.out), "--encoder", job.encoder, "--weights", str(job.weights),
+        "--mpp", str(t.mpp), "--size", str(t.patch_size), "--min-tissue", str(t.min_tissue),
+        "--slide-mpp", str(t.slide_mpp), "--batch-size", str(job.batch_size), "--device", "cpu", "--threads", "1",
+    ]
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    return load_encoder(make_job(Path("unused.zarr"), []))
+
+
+@pytest.fixture(scope="module")
+def extracted(tmp_path_factory, encoder):
+    out = tmp_path_factory.mktemp("store") / "features.zarr"
+    job = make_job(out, [REAL])
+    return job, run_extract(job, encoder=encoder)
+
+
+def test_real_slides_make_a_valid_store(extracted, encoder):
+    from wsi.slide import open_slide
+    from wsi.tiling import make_grid
+    from wsi.tissue import detect_tissue
+
+    job, summary = extracted
+    assert [r.slide_id for r in summary.results] == REAL_IDS
+    assert {r.status for r in summary.results} == {"done"}, [r.reason for r in summary.results]
+    store = FeatureStore(job.out, mode="r")
+    assert store.slide_ids() == REAL_IDS
+    ident = store.identity()
+    assert ident["encoder"] == {"name": "tiny-vit", "weights_id": "random", "dim": 64}
+    assert ident["tiling"]["mpp"] == 1.0 and ident["tiling"]["patch_size"] == 224
+    assert store.attrs["config"]["encoder"] == "tiny-vit"
+
+    tcga = store.read("tcga-cr-7395-01a-01-ts1")
+    assert tcga.features.dtype == np.float16 and tcga.features.shape == (len(tcga), 64) and len(tcga) > 20
+    assert np.isfinite(tcga.features.astype(np.float32)).all() and tcga.features.std() > 0
+    assert tcga.attrs["mpp_source"] == "override" and tcga.attrs["slide_mpp"] == 0.5
+    assert tcga.attrs["complete"] is True and tcga.attrs["n_tiles"] == len(tcga)
+    assert tcga.attrs["source"]["size"] == TCGA.stat().st_size
+    # the stored grid is exactly the tiling module's grid of this slide
+    with open_slide(TCGA, mpp=0.5) as slide:
+        grid = make_grid(slide, detect_tissue(slide, target_mpp=8.0), patch_size=224, mpp=1.0, min_tissue=0.25)
+    np.testing.assert_array_equal(tcga.coords, grid.coords)
+    np.testing.assert_array_equal(tcga.tissue, grid.tissue)
+    assert len(store.read("tiny-aperio")) == 0  # smaller than one patch: stored with N = 0
+
+    runs = list((Path(job.out) / "runs").glob("*-summary.json"))
+    assert len(runs) == 1 and json.loads(runs[0].read_text())["n_done"] == 5
+
+
+def test_stored_features_are_the_encoder_output_of_those_patches(extracted, encoder):
+    from wsi.reader import PatchReader
+    from wsi.slide import open_slide
+    from wsi.tiling import make_grid
+
+    job, _ = extracted
+    tcga = FeatureStore(job.out, mode="r").read("tcga-cr-7395-01a-01-ts1")
+    with open_slide(TCGA, mpp=0.5) as slide:
+        grid = make_grid(slide, None, patch_size=224, mpp=1.0, min_tissue=0.0)
+        keep = np.isin(grid.coords.view("i8,i8").ravel(), tcga.coords[-5:].copy().view("i8,i8").ravel())
+        sub = type(grid)(**{**grid.__dict__, "coords": grid.coords[keep], "tissue": grid.tissue[keep]})
+        images = np.concatenate([b.images for b in PatchReader(slide, sub, batch_size=8)])
+    direct = encoder.encode(images).numpy()
+    np.testing.assert_allclose(tcga.features[-5:].astype(np.float32), direct, rtol=2e-3, atol=2e-3)
+
+
+def test_rerun_skips_complete_slides(extracted, encoder):
+    job, _ = extracted
+    store = FeatureStore(job.out, mode="r")
+    before = {sid: store.slide_attrs(sid)["created"] for sid in REAL_IDS}
+    again = run_extract(job, encoder=encoder)
+    assert {r.status for r in again.results} == {"skipped"}
+    assert {sid: store.slide_attrs(sid)["created"] for sid in REAL_IDS} == before
+    assert again.results[3].n_patches == len(store.read(REAL_IDS[3]))
+
+
+def test_export_h5_matches_store(extracted, tmp_path):
+    job, _ = extracted
+    summary = export_h5(job.out, tmp_path / "h5")
+    assert summary.n_failed == 0 and len(summary.results) == 5
+    store = FeatureStore(job.out, mode="r")
+    tcga = store.read("tcga-cr-7395-01a-01-ts1")
+    with h5py.File(tmp_path / "h5" / "tcga-cr-7395-01a-01-ts1.h5", "r") as f:
+        assert f["features"].dtype == np.float32 and f["features"].shape == tcga.features.shape
+        np.testing.assert_array_equal(f["features"][:], tcga.features.astype(np.float32))
+        np.testing.assert_array_equal(f["coords"][:], tcga.coords)
+        a = f["coords"].attrs
+        assert a["patch_size"] == 224 and a["patch_level"] == tcga.attrs["read_level"]
+        assert a["patch_size_level0"] == tcga.attrs["grid"]["patch_size_level0"] == 448
+        ds = tcga.attrs["grid"]["read_downsample"]
+        assert list(a["downsample"]) == [ds, ds] and list(a["level_dim"]) == [2221, 1783]  # level 1
+        assert a["target_mpp"] == 1.0 and a["level0_magnification"] == 20.0
+        assert f.attrs["encoder"] == "tiny-vit" and f.attrs["weights_id"] == "random"
+    with h5py.File(tmp_path / "h5" / "tiny-aperio.h5", "r") as f:
+        assert f["features"].shape == (0, 64)
+
+
+def test_bad_slides_fail_alone_with_reasons(tmp_path, encoder):
+    job = make_job(tmp_path / "f.zarr", [BAD, TCGA])
+    summary = run_extract(job, encoder=encoder)
+    by_id = {r.slide_id: r for r in summary.results}
+    assert by_id["tcga-cr-7395-01a-01-ts1"].status == "done"
+    bad = [r for r in summary.results if r.slide_id != "tcga-cr-7395-01a-01-ts1"]
+    assert len(bad) == 6 and all(r.status == "failed" for r in bad)
+    for r in bad:
+        assert r.error_type and r.reason and Path(r.path).name in r.reason and "Fix:" in r.reason
+    assert by_id["unreadable"].error_type == "CorruptTileError"
+    assert by_id["uint16-grayscale"].error_type == "UnsupportedSlideError"
+    store = FeatureStore(job.out, mode="r")
+    assert store.slide_ids() == ["tcga-cr-7395-01a-01-ts1"]
+    assert not list((store.path / ".staging").iterdir()) and not list((store.path / ".claims").iterdir())
+    saved = json.loads(next((store.path / "runs").glob("*-summary.json")).read_text())
+    assert saved["n_failed"] == 6 and saved["n_done"] == 1
+
+
+def test_cli_exit_code_nonzero_when_a_slide_fails(tmp_path, encoder):
+    from typer.testing import CliRunner
+
+    from pipelines.cli import app
+
+    job = make_job(tmp_path / "f.zarr", [BAD / "broken.svs", TINY])
+    result = CliRunner().invoke(app, cli_args(job))
+    assert result.exit_code == 1, result.output
+    assert FeatureStore(job.out, mode="r").slide_ids() == ["tiny-aperio"]
+    result = CliRunner().invoke(app, ["export-h5", str(job.out), str(tmp_path / "h5")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "h5" / "tiny-aperio.h5").is_file()
+
+
+def test_store_identity_mismatch_is_refused_unless_overwrite(tmp_path, encoder):
+    job = make_job(tmp_path / "f.zarr", [TINY])
+    run_extract(job, encoder=encoder)
+    other = make_job(tmp_path / "f.zarr", [TINY], tiling={"mpp": 2.0})
+    with pytest.raises(StoreMismatchError, match=r"tiling.*--overwrite"):
+        run_extract(other, encoder=encoder)
+    other.overwrite = True
+    assert run_extract(other, encoder=encoder).results[0].status == "done"
+    assert FeatureStore(job.out, mode="r").identity()["tiling"]["mpp"] == 2.0
+
+
+def test_changed_slide_file_is_an_error_unless_overwrite(tmp_path, encoder):
+    job = make_job(tmp_path / "f.zarr", [TINY])
+    run_extract(job, encoder=encoder)
+    group = zarr.open_group(tmp_path / "f.zarr" / "slides" / "tiny-aperio", mode="a")
+    group.attrs["source"] = {**group.attrs["source"], "quick_hash": "sha256:other"}
+    res = run_extract(job, encoder=encoder).results[0]
+    assert res.status == "failed" and res.error_type == "StoreMismatchError" and "--overwrite" in res.reason
+    job.overwrite = True
+    assert run_extract(job, encoder=encoder).results[0].status == "done"
+    assert FeatureStore(job.out).slide_attrs("tiny-aperio")["source"]["quick_hash"] != "sha256:other"
+
+
+def test_leftovers_of_a_dead_run_are_recovered(tmp_path, encoder):
+    job = make_job(tmp_path / "f.zarr", [TINY])
+    store = FeatureStore(job.out)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    claim = {"host": socket.gethostname(), "pid": dead.pid, "time": time.time()}
+    (store.path / ".claims" / "tiny-aperio.claim").write_text(json.dumps(claim))
+    (store.path / ".staging" / f"tiny-aperio-{'a' * 32}" / "features").mkdir(parents=True)
+    assert run_extract(job, encoder=encoder).results[0].status == "done"
+    assert store.slide_ids() == ["tiny-aperio"]
+    assert not list((store.path / ".staging").iterdir()) and not list((store.path / ".claims").iterdir())
+
+
+def test_extract_slide_result_is_picklable(tmp_path, encoder):
+    job = make_job(tmp_path / "f.zarr", [])
+    res = extract_slide(TINY, job, encoder=encoder)
+    assert res.status == "done" and res.n_patches == 0
+    back = pickle.loads(pickle.dumps(res))
+    assert back == res
+    bad = extract_slide(BAD / "broken.svs", job, encoder=encoder)
+    assert bad.status == "failed" and pickle.loads(pickle.dumps(bad)).error_type == "SlideOpenError"
+
+
+# ---------------------------------------------------------------------------- processes
+def _slide_links(tmp_path: Path, n: int) -> Path:
+    """``n`` differently named links to the TCGA slide (plus the tiny one), in a temp dir."""
+    d = tmp_path / "slides"
+    d.mkdir()
+    for i in range(n):
+        (d / f"s{i}.svs").symlink_to(TCGA)
+    (d / "tiny.svs").symlink_to(TINY)
+    return d
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "COLUMNS": "200", "OMP_NUM_THREADS": "1"}
+
+
+def _cli(job: ExtractJob) -> list[str]:
+    return [sys.executable, "-m", "pipelines.cli", *cli_args(job)]
+
+
+def _assert_same_store(a: Path, b: Path) -> None:
+    sa, sb = FeatureStore(a, mode="r"), FeatureStore(b, mode="r")
+    assert sa.slide_ids() == sb.slide_ids()
+    assert sa.identity() == sb.identity()
+    for sid in sa.slide_ids():
+        x, y = sa.read(sid), sb.read(sid)
+        np.testing.assert_array_equal(x.coords, y.coords)
+        np.testing.assert_array_equal(x.tissue, y.tissue)
+        np.testing.assert_array_equal(x.features, y.features)  # bit-identical (1 torch thread)
+
+
+@pytest.mark.slow
+def test_sigkill_mid_run_then_rerun_equals_uninterrupted_run(tmp_path):
+    slides = _slide_links(tmp_path, 5)
+    ref = make_job(tmp_path / "ref.zarr", [slides])
+    subprocess.run(_cli(ref), check=True, env=_env(), capture_output=True, timeout=600)
+    assert len(FeatureStore(ref.out, mode="r").slide_ids()) == 6
+
+    job = make_job(tmp_path / "crash.zarr", [slides])
+    proc = subprocess.Popen(_cli(job), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    slides_dir, staging = Path(job.out) / "slides", Path(job.out) / ".staging"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        done = [p for p in slides_dir.glob("*/zarr.json")] if slides_dir.is_dir() else []
+        if done and staging.is_dir() and any(staging.iterdir()):
+            break  # one slide complete and the next one half-written
+        time.sleep(0.02)
+    assert proc.poll() is None, "extractor finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    store = FeatureStore(job.out, mode="r")
+    assert 1 <= len(store.slide_ids()) < 6
+    assert list((Path(job.out) / ".claims").glob("*.claim")), "the killed run should leave its claim"
+
+    rerun = subprocess.run(_cli(job), env=_env(), capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    _assert_same_store(ref.out, job.out)
+    assert not list(staging.iterdir()) and not list((Path(job.out) / ".claims").iterdir())
+
+
+@pytest.mark.slow
+def test_two_concurrent_processes_extract_each_slide_once(tmp_path):
+    slides = _slide_links(tmp_path, 4)
+    job = make_job(tmp_path / "shared.zarr", [slides])
+    FeatureStore(job.out)  # create before both start
+    procs = [subprocess.Popen(_cli(job), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    errs = [p.communicate(timeout=600)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [e[-2000:] for e in errs]
+
+    store = FeatureStore(job.out, mode="r")
+    assert store.slide_ids() == ["s0", "s1", "s2", "s3", "tiny"]
+    summaries = [json.loads(p.read_text()) for p in (Path(job.out) / "runs").glob("*-summary.json")]
+    assert len(summaries) == 2
+    done = [s["slide_id"] for summ in summaries for s in summ["slides"] if s["status"] == "done"]
+    assert sorted(done) == ["s0", "s1", "s2", "s3", "tiny"]  # every slide encoded exactly once
+    writers = {store.slide_attrs(sid)["written_by"]["pid"] for sid in store.slide_ids()}
+    assert writers <= {p.pid for p in procs}

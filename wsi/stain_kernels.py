@@ -1,0 +1,810 @@
+"""Numba kernels for stain normalisation (used by :mod:`wsi.stain`).
+
+Every batch kernel takes ``(N, H, W, 3) uint8`` patches and works on one patch per ``prange``
+iteration: no Python loop over patches or pixels. Optical densities come from 256-entry lookup
+tables (inputs are ``uint8``), percentiles are exact selections with numpy's linear
+interpolation, and the Macenko reconstruction folds the whole per-patch colour map into nine
+256-entry tables. Status codes per patch: ``OK`` or ``PASSTHROUGH`` (too little stain-like
+tissue, or a degenerate stain estimate: the patch is copied unchanged).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit, prange
+
+OK = 0
+PASSTHROUGH = 1
+
+# Pen-ink rule in optical-density space (checked on the histolab pen thumbnails): H&E and DAB
+# absorb more green than red; green, blue and black ink absorb red about as much as green; red
+# ink absorbs green and blue strongly and almost no red.
+_PEN_RED_OVER_GREEN = 0.8
+_RED_INK_RED_OVER_GREEN = 0.25
+_RED_INK_BLUE_OVER_GREEN = 0.7
+
+# sRGB -> XYZ (D65) and white point, as in torchstain's numpy Reinhard.
+RGB2XYZ = np.array(
+    [[0.412453, 0.357580, 0.180423], [0.212671, 0.715160, 0.072169], [0.019334, 0.119193, 0.950227]]
+)
+XYZ2RGB = np.linalg.inv(RGB2XYZ)
+WHITE = np.array([0.95047, 1.0, 1.08883])
+
+
+def od_lut(io: float) -> np.ndarray:
+    """``-log((v + 1) / io)`` for v = 0..255 (torchstain's Macenko optical density)."""
+    return -np.log((np.arange(256, dtype=np.float64) + 1.0) / io)
+
+
+def od_lut_255() -> np.ndarray:
+    """staintools' optical density ``-log(max(v, 1) / 255)`` for v = 0..255."""
+    v = np.arange(256, dtype=np.float64)
+    v[0] = 1.0
+    return -np.log(v / 255.0)
+
+
+def srgb_linear_lut() -> np.ndarray:
+    """sRGB -> linear RGB for v = 0..255, computed with torchstain's float32 arithmetic."""
+    x = np.arange(256).astype("float32") / 255
+    mask = x > 0.04045
+    x[mask] = np.power((x[mask] + 0.055) / 1.055, 2.4)
+    x[~mask] /= 12.92
+    return x.astype(np.float64)
+
+
+def srgb_thresholds() -> np.ndarray:
+    """Linear value at which the truncated 8-bit sRGB output first reaches v (v = 1..255)."""
+    y = np.arange(1, 256, dtype=np.float64) / 255.0
+    return np.where(y > 0.0031308 * 12.92, ((y + 0.055) / 1.055) ** 2.4, y / 12.92)
+
+
+# --------------------------------------------------------------------------------------------
+# selection and percentiles
+
+
+@njit(cache=True, nogil=True)
+def _select(a, n, k):
+    """k-th smallest of ``a[:n]`` (quickselect in place); afterwards ``a[k+1:n] >= a[k]``."""
+    lo = 0
+    hi = n - 1
+    while hi > lo:
+        mid = (lo + hi) >> 1
+        x, y, z = a[lo], a[mid], a[hi]
+        if x > y:
+            x, y = y, x
+        if y > z:
+            y = z if x <= z else x
+        pivot = y
+        i = lo
+        j = hi
+        while i <= j:
+            while a[i] < pivot:
+                i += 1
+            while a[j] > pivot:
+                j -= 1
+            if i <= j:
+                t = a[i]
+                a[i] = a[j]
+                a[j] = t
+                i += 1
+                j -= 1
+        if k <= j:
+            hi = j
+        elif k >= i:
+            lo = i
+        else:
+            break
+    return a[k]
+
+
+@njit(cache=True, nogil=True)
+def _percentile_pair(a, n, q):
+    """Order statistics and weight for numpy's linear ``percentile(a[:n], q)`` (q in 0..100)."""
+    qq = q / 100.0
+    virtual = n * qq - qq  # numpy's _compute_virtual_index for method="linear"
+    prev = math.floor(virtual)
+    if prev < 0:
+        prev = 0
+    if prev > n - 1:
+        prev = n - 1
+    gamma = virtual - prev
+    lo_val = _select(a, n, prev)
+    hi_val = lo_val
+    if prev + 1 < n:
+        hi_val = a[prev + 1]
+        for i in range(prev + 2, n):
+            if a[i] < hi_val:
+                hi_val = a[i]
+    return lo_val, hi_val, gamma
+
+
+@njit(cache=True, nogil=True)
+def _lerp(a, b, t):
+    """numpy's ``_lerp`` (the exact interpolation used by ``np.percentile``)."""
+    d = b - a
+    if t >= 0.5:
+        return b - d * (1.0 - t)
+    return a + d * t
+
+
+@njit(cache=True, nogil=True)
+def percentile(a, n, q):
+    """``np.percentile(a[:n], q)`` (linear); reorders ``a[:n]``."""
+    lo, hi, t = _percentile_pair(a, n, q)
+    return _lerp(lo, hi, t)
+
+
+_NBINS = 4096
+
+
+@njit(cache=True, nogil=True)
+def _bin(v, vmin, scale):
+    b = int((v - vmin) * scale)
+    if b < 0:
+        return 0
+    if b >= _NBINS:
+        return _NBINS - 1
+    return b
+
+
+@njit(cache=True, nogil=True)
+def _quantile_index(n, q):
+    """numpy's linear-method virtual index: (rank below, rank above, weight)."""
+    qq = q / 100.0
+    virtual = n * qq - qq  # numpy's _compute_virtual_index for method="linear"
+    prev = math.floor(virtual)
+    if prev < 0:
+        prev = 0
+    if prev > n - 1:
+        prev = n - 1
+    return prev, min(prev + 1, n - 1), virtual - prev
+
+
+@njit(cache=True, nogil=True)
+def _rank_bins(counts, r0, r1):
+    """Histogram bins holding ranks r0 <= r1, and the number of values below the first."""
+    cum = 0
+    b_lo = -1
+    b_hi = _NBINS - 1
+    before = 0
+    for b in range(_NBINS):
+        if b_lo < 0 and cum + counts[b] > r0:
+            b_lo = b
+            before = cum
+        if cum + counts[b] > r1:
+            b_hi = b
+            break
+        cum += counts[b]
+    return b_lo, b_hi, before
+
+
+@njit(cache=True, nogil=True)
+def _pick(scratch, m, r, need_next):
+    """r-th and (r+1)-th smallest of ``scratch[:m]``."""
+    lo = _select(scratch, m, r)
+    hi = lo
+    if need_next:
+        hi = scratch[r + 1]
+        for i in range(r + 2, m):
+            if scratch[i] < hi:
+                hi = scratch[i]
+    return lo, hi
+
+
+@njit(cache=True, nogil=True)
+def percentile_pair_fast(a, n, q, vmin, vmax, scratch):
+    """As :func:`_percentile_pair` for values in ``[vmin, vmax]``, in two linear passes: a
+    histogram finds the bins holding the two order statistics, an exact selection among the
+    values of those bins (copied to ``scratch``) finds them. Exact; ``a`` is not reordered."""
+    prev, k2, gamma = _quantile_index(n, q)
+    if not vmax > vmin:
+        return vmin, vmin, gamma
+    scale = _NBINS / (vmax - vmin)
+    counts = np.zeros(_NBINS, np.int64)
+    for i in range(n):
+        counts[_bin(a[i], vmin, scale)] += 1
+    b_lo, b_hi, before = _rank_bins(counts, prev, k2)
+    m = 0
+    for i in range(n):
+        b = _bin(a[i], vmin, scale)
+        if b >= b_lo and b <= b_hi:
+            scratch[m] = a[i]
+            m += 1
+    lo, hi = _pick(scratch, m, prev - before, k2 > prev)
+    return lo, hi, gamma
+
+
+@njit(cache=True, nogil=True)
+def percentile_fast(a, n, q, vmin, vmax, scratch):
+    """``np.percentile(a[:n], q)`` (linear) for values in ``[vmin, vmax]``; see above."""
+    lo, hi, t = percentile_pair_fast(a, n, q, vmin, vmax, scratch)
+    return _lerp(lo, hi, t)
+
+
+# --------------------------------------------------------------------------------------------
+# tissue
+
+
+@njit(cache=True, nogil=True)
+def _is_stain_like(o0, o1, o2, beta):
+    """Pixel absorbs in every channel (OD >= beta) and is not pen ink."""
+    if o0 < beta or o1 < beta or o2 < beta:
+        return False
+    if o0 > _PEN_RED_OVER_GREEN * o1:
+        return False
+    return not (o0 < _RED_INK_RED_OVER_GREEN * o1 and o2 > _RED_INK_BLUE_OVER_GREEN * o1)
+
+
+@njit(cache=True, nogil=True)
+def _stain_like_count(px, lut, beta):
+    cnt = 0
+    for p in range(px.shape[0]):
+        if _is_stain_like(lut[px[p, 0]], lut[px[p, 1]], lut[px[p, 2]], beta):
+            cnt += 1
+    return cnt
+
+
+@njit(parallel=True, cache=True)
+def stain_like_fraction(batch, lut, beta):
+    """Per patch: fraction of stain-like pixels (OD >= beta in all channels, not pen ink)."""
+    n = batch.shape[0]
+    npx = batch.shape[1] * batch.shape[2]
+    out = np.empty(n, np.float64)
+    for i in prange(n):
+        px = batch[i].reshape((npx, 3))
+        out[i] = _stain_like_count(px, lut, beta) / max(npx, 1)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Macenko
+
+
+@njit(cache=True, nogil=True)
+def _pseudo_angle(y, x):
+    """Strictly increasing function of ``atan2(y, x)`` on (-pi, pi], without a transcendental."""
+    s = abs(x) + abs(y)
+    if s == 0.0:
+        return 0.0
+    p = x / s
+    if y < 0.0:
+        return p - 1.0
+    return 1.0 - p
+
+
+@njit(cache=True, nogil=True)
+def _angle_of_pseudo(v):
+    if v < 0.0:
+        p = v + 1.0
+        return math.atan2(-(1.0 - abs(p)), p)
+    p = 1.0 - v
+    return math.atan2(1.0 - abs(p), p)
+
+
+@njit(cache=True, nogil=True)
+def _not_pen(o0, o1, o2):
+    if o0 > _PEN_RED_OVER_GREEN * o1:
+        return False
+    return not (o0 < _RED_INK_RED_OVER_GREEN * o1 and o2 > _RED_INK_BLUE_OVER_GREEN * o1)
+
+
+@njit(cache=True, nogil=True)
+def macenko_estimate(px, lut, alpha, beta, he, max_c, pinv, s_a, s_b):
+    """Stain matrix ``he`` (3x2, H then E), its pseudo-inverse ``pinv`` (2x3) and the
+    99th-percentile concentrations ``max_c`` of one image ``px`` (P, 3), as torchstain's numpy
+    Macenko. ``s_a``, ``s_b`` are scratch arrays of length >= P.
+
+    Five linear passes: tissue moments; angle histogram; angle candidates; concentration
+    histograms; concentration candidates. Percentiles are exact (numpy's linear method): the
+    histograms only narrow down where the order statistics are. Returns ``(ok, n_stain_like)``.
+    """
+    npx = px.shape[0]
+    nt = 0
+    ns = 0
+    s0 = 0.0
+    s1 = 0.0
+    s2 = 0.0
+    s00 = 0.0
+    s01 = 0.0
+    s02 = 0.0
+    s11 = 0.0
+    s12 = 0.0
+    s22 = 0.0
+    for p in range(npx):
+        o0 = lut[px[p, 0]]
+        o1 = lut[px[p, 1]]
+        o2 = lut[px[p, 2]]
+        if o0 >= beta and o1 >= beta and o2 >= beta:
+            nt += 1
+            if _not_pen(o0, o1, o2):
+                ns += 1
+            d0 = o0 - 1.0  # shifted moments (OD ~ 0.2..2): no cancellation worth the name
+            d1 = o1 - 1.0
+            d2 = o2 - 1.0
+            s0 += d0
+            s1 += d1
+            s2 += d2
+            s00 += d0 * d0
+            s01 += d0 * d1
+            s02 += d0 * d2
+            s11 += d1 * d1
+            s12 += d1 * d2
+            s22 += d2 * d2
+    if nt < 3:
+        return False, ns
+    cov = np.empty((3, 3))
+    f = 1.0 / (nt - 1)
+    cov[0, 0] = (s00 - s0 * s0 / nt) * f
+    cov[0, 1] = (s01 - s0 * s1 / nt) * f
+    cov[0, 2] = (s02 - s0 * s2 / nt) * f
+    cov[1, 1] = (s11 - s1 * s1 / nt) * f
+    cov[1, 2] = (s12 - s1 * s2 / nt) * f
+    cov[2, 2] = (s22 - s2 * s2 / nt) * f
+    cov[1, 0] = cov[0, 1]
+    cov[2, 0] = cov[0, 2]
+    cov[2, 1] = cov[1, 2]
+    _, vecs = np.linalg.eigh(cov)
+    e10, e11, e12 = vecs[0, 1], vecs[1, 1], vecs[2, 1]
+    e20, e21, e22 = vecs[0, 2], vecs[1, 2], vecs[2, 2]
+    # angles in the plane of the two largest eigenvectors, as pseudo-angles (same order as
+    # atan2; only the selected ones are converted back)
+    scale = _NBINS / 4.0
+    counts = np.zeros(_NBINS, np.int64)
+    for p in range(npx):
+        o0 = lut[px[p, 0]]
+        o1 = lut[px[p, 1]]
+        o2 = lut[px[p, 2]]
+        if o0 >= beta and o1 >= beta and o2 >= beta:
+            v = _pseudo_angle(o0 * e20 + o1 * e21 + o2 * e22, o0 * e10 + o1 * e11 + o2 * e12)
+            counts[_bin(v, -2.0, scale)] += 1
+    ra, ra2, ga = _quantile_index(nt, alpha)
+    rb, rb2, gb = _quantile_index(nt, 100.0 - alpha)
+    la, ha, before_a = _rank_bins(counts, ra, ra2)
+    lb, hb, before_b = _rank_bins(counts, rb, rb2)
+    ma = 0
+    mb = 0
+    for p in range(npx):
+        o0 = lut[px[p, 0]]
+        o1 = lut[px[p, 1]]
+        o2 = lut[px[p, 2]]
+        if o0 >= beta and o1 >= beta and o2 >= beta:
+            v = _pseudo_angle(o0 * e20 + o1 * e21 + o2 * e22, o0 * e10 + o1 * e11 + o2 * e12)
+            b = _bin(v, -2.0, scale)
+            if b >= la and b <= ha:
+                s_a[ma] = v
+                ma += 1
+            if b >= lb and b <= hb:
+                s_b[mb] = v
+                mb += 1
+    lo, hi = _pick(s_a, ma, ra - before_a, ra2 > ra)
+    min_phi = _lerp(_angle_of_pseudo(lo), _angle_of_pseudo(hi), ga)
+    lo, hi = _pick(s_b, mb, rb - before_b, rb2 > rb)
+    max_phi = _lerp(_angle_of_pseudo(lo), _angle_of_pseudo(hi), gb)
+    cmin = math.cos(min_phi)
+    smin = math.sin(min_phi)
+    cmax = math.cos(max_phi)
+    smax = math.sin(max_phi)
+    vmin = np.empty(3)
+    vmax = np.empty(3)
+    for r in range(3):
+        vmin[r] = vecs[r, 1] * cmin + vecs[r, 2] * smin
+        vmax[r] = vecs[r, 1] * cmax + vecs[r, 2] * smax
+    if vmin[0] > vmax[0]:
+        for r in range(3):
+            he[r, 0] = vmin[r]
+            he[r, 1] = vmax[r]
+    else:
+        for r in range(3):
+            he[r, 0] = vmax[r]
+            he[r, 1] = vmin[r]
+    # least squares against HE == pseudo-inverse rows (HE has full column rank)
+    g00 = he[0, 0] * he[0, 0] + he[1, 0] * he[1, 0] + he[2, 0] * he[2, 0]
+    g11 = he[0, 1] * he[0, 1] + he[1, 1] * he[1, 1] + he[2, 1] * he[2, 1]
+    g01 = he[0, 0] * he[0, 1] + he[1, 0] * he[1, 1] + he[2, 0] * he[2, 1]
+    det = g00 * g11 - g01 * g01
+    if not det > 1e-10 * g00 * g11:
+        return False, ns
+    for r in range(3):
+        pinv[0, r] = (g11 * he[r, 0] - g01 * he[r, 1]) / det
+        pinv[1, r] = (g00 * he[r, 1] - g01 * he[r, 0]) / det
+    # concentrations of all pixels: bounded by the OD range, so histogram them directly
+    lo0 = 0.0
+    hi0 = 0.0
+    lo1 = 0.0
+    hi1 = 0.0
+    for k in range(3):
+        x0 = pinv[0, k] * lut[0]
+        y0 = pinv[0, k] * lut[255]
+        x1 = pinv[1, k] * lut[0]
+        y1 = pinv[1, k] * lut[255]
+        lo0 += min(x0, y0)
+        hi0 += max(x0, y0)
+        lo1 += min(x1, y1)
+        hi1 += max(x1, y1)
+    sc0 = _NBINS / (hi0 - lo0)
+    sc1 = _NBINS / (hi1 - lo1)
+    counts[:] = 0
+    counts1 = np.zeros(_NBINS, np.int64)
+    p00, p01, p02 = pinv[0, 0], pinv[0, 1], pinv[0, 2]
+    p10, p11, p12 = pinv[1, 0], pinv[1, 1], pinv[1, 2]
+    for p in range(npx):
+        o0 = lut[px[p, 0]]
+        o1 = lut[px[p, 1]]
+        o2 = lut[px[p, 2]]
+        counts[_bin(p00 * o0 + p01 * o1 + p02 * o2, lo0, sc0)] += 1
+        counts1[_bin(p10 * o0 + p11 * o1 + p12 * o2, lo1, sc1)] += 1
+    r, r2, g = _quantile_index(npx, 99.0)
+    la, ha, before_a = _rank_bins(counts, r, r2)
+    lb, hb, before_b = _rank_bins(counts1, r, r2)
+    ma = 0
+    mb = 0
+    for p in range(npx):
+        o0 = lut[px[p, 0]]
+        o1 = lut[px[p, 1]]
+        o2 = lut[px[p, 2]]
+        v = p00 * o0 + p01 * o1 + p02 * o2
+        b = _bin(v, lo0, sc0)
+        if b >= la and b <= ha:
+            s_a[ma] = v
+            ma += 1
+        v = p10 * o0 + p11 * o1 + p12 * o2
+        b = _bin(v, lo1, sc1)
+        if b >= lb and b <= hb:
+            s_b[mb] = v
+            mb += 1
+    lo, hi = _pick(s_a, ma, r - before_a, r2 > r)
+    max_c[0] = _lerp(lo, hi, g)
+    lo, hi = _pick(s_b, mb, r - before_b, r2 > r)
+    max_c[1] = _lerp(lo, hi, g)
+    ok = max_c[0] > 1e-6 and max_c[1] > 1e-6 and np.isfinite(max_c[0]) and np.isfinite(max_c[1])
+    return ok, ns
+
+
+@njit(cache=True, nogil=True)
+def _macenko_patch(px, dst, lut, io, alpha, beta, he_ref, max_c_ref, min_tissue, he, maxc):
+    npx = px.shape[0]
+    pinv = np.empty((2, 3))
+    ok, ns = macenko_estimate(px, lut, alpha, beta, he, maxc, pinv, np.empty(npx), np.empty(npx))
+    if not ok or ns < max(min_tissue * npx, 3.0):
+        dst[:, :] = px
+        return PASSTHROUGH
+    # colour map M = HE_ref @ diag(maxC_ref / maxC) @ pinv(HE): out = io * exp(-M @ OD),
+    # evaluated as a product of nine 256-entry tables
+    tab = np.empty((3, 3, 256))
+    for c in range(3):
+        for k in range(3):
+            m = he_ref[c, 0] * (max_c_ref[0] / maxc[0]) * pinv[0, k]
+            m += he_ref[c, 1] * (max_c_ref[1] / maxc[1]) * pinv[1, k]
+            for v in range(256):
+                tab[c, k, v] = math.exp(-m * lut[v])
+    for p in range(npx):
+        r = px[p, 0]
+        g = px[p, 1]
+        b = px[p, 2]
+        for c in range(3):
+            val = io * tab[c, 0, r] * tab[c, 1, g] * tab[c, 2, b]
+            if val > 255.0:
+                val = 255.0
+            dst[p, c] = np.uint8(val)
+    return OK
+
+
+@njit(parallel=True, cache=True)
+def macenko_batch(batch, lut, io, alpha, beta, he_ref, max_c_ref, min_tissue, out, he_out, maxc_out):
+    """Normalise every patch of ``batch`` into ``out``; per-patch stain matrices and max
+    concentrations go to ``he_out`` (N, 3, 2) and ``maxc_out`` (N, 2). Returns status (N,)."""
+    n = batch.shape[0]
+    npx = batch.shape[1] * batch.shape[2]
+    status = np.zeros(n, np.int8)
+    for i in prange(n):
+        status[i] = _macenko_patch(
+            batch[i].reshape((npx, 3)),
+            out[i].reshape((npx, 3)),
+            lut,
+            io,
+            alpha,
+            beta,
+            he_ref,
+            max_c_ref,
+            min_tissue,
+            he_out[i],
+            maxc_out[i],
+        )
+    return status
+
+
+# --------------------------------------------------------------------------------------------
+# Reinhard (LAB, torchstain conventions: L in 0..100, a/b centred on 0)
+
+
+@njit(cache=True, nogil=True)
+def _lab_f(t):
+    if t > 0.008856:
+        return np.cbrt(t)
+    return 7.787 * t + 16.0 / 116.0
+
+
+@njit(cache=True, nogil=True)
+def _lab_finv(t):
+    if t > 0.2068966:
+        return t * t * t
+    return (t - 16.0 / 116.0) / 7.787
+
+
+@njit(cache=True, nogil=True)
+def _rgb_to_lab(r, g, b, lin, lab):
+    x = lin[r]
+    y = lin[g]
+    z = lin[b]
+    fx = _lab_f((RGB2XYZ[0, 0] * x + RGB2XYZ[0, 1] * y + RGB2XYZ[0, 2] * z) / WHITE[0])
+    fy = _lab_f((RGB2XYZ[1, 0] * x + RGB2XYZ[1, 1] * y + RGB2XYZ[1, 2] * z) / WHITE[1])
+    fz = _lab_f((RGB2XYZ[2, 0] * x + RGB2XYZ[2, 1] * y + RGB2XYZ[2, 2] * z) / WHITE[2])
+    lab[0] = 116.0 * fy - 16.0
+    lab[1] = 500.0 * (fx - fy)
+    lab[2] = 200.0 * (fy - fz)
+
+
+@njit(cache=True, nogil=True)
+def _to_srgb8(v, thresholds):
+    """Truncated 8-bit sRGB of a linear value (binary search in the 255 thresholds)."""
+    lo = 0
+    hi = 255
+    while lo < hi:
+        mid = (lo + hi) >> 1
+        if thresholds[mid] <= v:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
+
+
+@njit(cache=True, nogil=True)
+def lab_stats(px, lin, mean, std):
+    """Mean and population std of L, a, b over all pixels of ``px`` (P, 3)."""
+    npx = px.shape[0]
+    lab = np.empty(3)
+    s = np.zeros(3)
+    ss = np.zeros(3)
+    for p in range(npx):
+        _rgb_to_lab(px[p, 0], px[p, 1], px[p, 2], lin, lab)
+        for c in range(3):
+            s[c] += lab[c]
+    for c in range(3):
+        mean[c] = s[c] / npx
+    for p in range(npx):
+        _rgb_to_lab(px[p, 0], px[p, 1], px[p, 2], lin, lab)
+        for c in range(3):
+            d = lab[c] - mean[c]
+            ss[c] += d * d
+    for c in range(3):
+        std[c] = math.sqrt(ss[c] / npx)
+
+
+@njit(cache=True, nogil=True)
+def _reinhard_patch(px, dst, od, lin, thresholds, beta, min_tissue, mean_t, std_t, mean, std):
+    npx = px.shape[0]
+    ok = _stain_like_count(px, od, beta) >= max(min_tissue * npx, 3.0)
+    if ok:
+        lab_stats(px, lin, mean, std)
+        ok = std[0] > 1e-6 and std[1] > 1e-6 and std[2] > 1e-6
+    if not ok:
+        dst[:, :] = px
+        return PASSTHROUGH
+    s0 = std_t[0] / std[0]
+    s1 = std_t[1] / std[1]
+    s2 = std_t[2] / std[2]
+    lab = np.empty(3)
+    for p in range(npx):
+        _rgb_to_lab(px[p, 0], px[p, 1], px[p, 2], lin, lab)
+        ll = (lab[0] - mean[0]) * s0 + mean_t[0]
+        aa = (lab[1] - mean[1]) * s1 + mean_t[1]
+        bb = (lab[2] - mean[2]) * s2 + mean_t[2]
+        fy = (ll + 16.0) / 116.0
+        x = _lab_finv(aa / 500.0 + fy) * WHITE[0]
+        y = _lab_finv(fy) * WHITE[1]
+        z = _lab_finv(fy - bb / 200.0) * WHITE[2]
+        for c in range(3):
+            v = XYZ2RGB[c, 0] * x + XYZ2RGB[c, 1] * y + XYZ2RGB[c, 2] * z
+            dst[p, c] = np.uint8(_to_srgb8(v, thresholds))
+    return OK
+
+
+@njit(parallel=True, cache=True)
+def reinhard_batch(batch, od, lin, thresholds, beta, min_tissue, mean_t, std_t, out, stats_out):
+    """Reinhard colour transfer of every patch to the target LAB mean/std; per-patch source
+    statistics to ``stats_out`` (N, 2, 3). Returns status (N,)."""
+    n = batch.shape[0]
+    npx = batch.shape[1] * batch.shape[2]
+    status = np.zeros(n, np.int8)
+    for i in prange(n):
+        status[i] = _reinhard_patch(
+            batch[i].reshape((npx, 3)),
+            out[i].reshape((npx, 3)),
+            od,
+            lin,
+            thresholds,
+            beta,
+            min_tissue,
+            mean_t,
+            std_t,
+            stats_out[i, 0],
+            stats_out[i, 1],
+        )
+    return status
+
+
+# --------------------------------------------------------------------------------------------
+# Vahadane (sparse non-negative dictionary learning; 2 stains, exact 2-variable lasso)
+
+
+@njit(cache=True, nogil=True)
+def _nn_lasso2(x0, x1, x2, d, g00, g01, g11, lam, a):
+    """argmin_{a>=0} 0.5||x - a @ d||^2 + lam * sum(a) for d (2, 3): exact active-set solve."""
+    c0 = d[0, 0] * x0 + d[0, 1] * x1 + d[0, 2] * x2 - lam
+    c1 = d[1, 0] * x0 + d[1, 1] * x1 + d[1, 2] * x2 - lam
+    det = g00 * g11 - g01 * g01
+    if det > 1e-12:
+        a0 = (g11 * c0 - g01 * c1) / det
+        a1 = (g00 * c1 - g01 * c0) / det
+        if a0 > 0.0 and a1 > 0.0:
+            a[0] = a0
+            a[1] = a1
+            return
+    # one atom active (or none): the better of the two faces
+    u0 = c0 / g00 if c0 > 0.0 and g00 > 0.0 else 0.0
+    u1 = c1 / g11 if c1 > 0.0 and g11 > 0.0 else 0.0
+    f0 = 0.5 * g00 * u0 * u0 - c0 * u0
+    f1 = 0.5 * g11 * u1 * u1 - c1 * u1
+    if f0 <= f1:
+        a[0] = u0
+        a[1] = 0.0
+    else:
+        a[0] = 0.0
+        a[1] = u1
+
+
+@njit(cache=True, nogil=True)
+def _gram(d):
+    g00 = d[0, 0] * d[0, 0] + d[0, 1] * d[0, 1] + d[0, 2] * d[0, 2]
+    g01 = d[0, 0] * d[1, 0] + d[0, 1] * d[1, 1] + d[0, 2] * d[1, 2]
+    g11 = d[1, 0] * d[1, 0] + d[1, 1] * d[1, 1] + d[1, 2] * d[1, 2]
+    return g00, g01, g11
+
+
+@njit(cache=True)
+def vahadane_dictionary(x, d, lam, n_iter):
+    """Sparse NMF of OD rows ``x`` (P, 3): ``x ~ a @ d`` with ``a >= 0`` (L1 weight ``lam``) and
+    non-negative atoms ``d`` (2, 3) of norm <= 1 (spams ``trainDL`` mode 2, posAlpha, posD),
+    by alternating exact coding and block-coordinate atom updates. ``d`` is the initial guess
+    and is updated in place; rows are normalised, hematoxylin (larger red OD) first."""
+    npx = x.shape[0]
+    a = np.empty(2)
+    for _ in range(n_iter):
+        g00, g01, g11 = _gram(d)
+        aa = np.zeros((2, 2))
+        xa = np.zeros((2, 3))
+        for p in range(npx):
+            _nn_lasso2(x[p, 0], x[p, 1], x[p, 2], d, g00, g01, g11, lam, a)
+            aa[0, 0] += a[0] * a[0]
+            aa[0, 1] += a[0] * a[1]
+            aa[1, 1] += a[1] * a[1]
+            for c in range(3):
+                xa[0, c] += a[0] * x[p, c]
+                xa[1, c] += a[1] * x[p, c]
+        aa[1, 0] = aa[0, 1]
+        for j in range(2):
+            if aa[j, j] <= 1e-12:
+                continue
+            nrm = 0.0
+            u = np.empty(3)
+            for c in range(3):
+                v = d[j, c] + (xa[j, c] - aa[j, 0] * d[0, c] - aa[j, 1] * d[1, c]) / aa[j, j]
+                u[c] = v if v > 0.0 else 0.0
+                nrm += u[c] * u[c]
+            nrm = math.sqrt(nrm)
+            s = 1.0 / nrm if nrm > 1.0 else 1.0
+            for c in range(3):
+                d[j, c] = u[c] * s
+    for j in range(2):
+        nrm = math.sqrt(d[j, 0] ** 2 + d[j, 1] ** 2 + d[j, 2] ** 2)
+        if nrm > 0.0:
+            for c in range(3):
+                d[j, c] /= nrm
+    if d[0, 0] < d[1, 0]:
+        for c in range(3):
+            t = d[0, c]
+            d[0, c] = d[1, c]
+            d[1, c] = t
+
+
+@njit(cache=True, nogil=True)
+def vahadane_max_conc(px, lut, d, lam, c0, c1, max_c):
+    """99th percentile of each stain's concentrations over all pixels of ``px`` (P, 3)."""
+    npx = px.shape[0]
+    g00, g01, g11 = _gram(d)
+    a = np.empty(2)
+    hi0 = 0.0
+    hi1 = 0.0
+    for p in range(npx):
+        _nn_lasso2(lut[px[p, 0]], lut[px[p, 1]], lut[px[p, 2]], d, g00, g01, g11, lam, a)
+        c0[p] = a[0]
+        c1[p] = a[1]
+        hi0 = max(hi0, a[0])
+        hi1 = max(hi1, a[1])
+    scratch = np.empty(npx)
+    max_c[0] = percentile_fast(c0, npx, 99.0, 0.0, hi0, scratch)
+    max_c[1] = percentile_fast(c1, npx, 99.0, 0.0, hi1, scratch)
+
+
+@njit(cache=True, nogil=True)
+def _vahadane_patch(px, dst, od240, od255, beta, min_tissue, d_src, d_tgt, max_c_tgt, lam, maxc):
+    npx = px.shape[0]
+    ok = _stain_like_count(px, od240, beta) >= max(min_tissue * npx, 3.0)
+    if ok:
+        vahadane_max_conc(px, od255, d_src, lam, np.empty(npx), np.empty(npx), maxc)
+        ok = maxc[0] > 1e-6 and maxc[1] > 1e-6
+    if not ok:
+        dst[:, :] = px
+        return PASSTHROUGH
+    s0 = max_c_tgt[0] / maxc[0]
+    s1 = max_c_tgt[1] / maxc[1]
+    g00, g01, g11 = _gram(d_src)
+    a = np.empty(2)
+    for p in range(npx):
+        _nn_lasso2(od255[px[p, 0]], od255[px[p, 1]], od255[px[p, 2]], d_src, g00, g01, g11, lam, a)
+        a0 = a[0] * s0
+        a1 = a[1] * s1
+        for c in range(3):
+            dst[p, c] = np.uint8(255.0 * math.exp(-(a0 * d_tgt[0, c] + a1 * d_tgt[1, c])))
+    return OK
+
+
+@njit(parallel=True, cache=True)
+def vahadane_batch(
+    batch, od240, od255, beta, min_tissue, d_src, d_tgt, max_c_tgt, lam, out, maxc_out
+):
+    """Map every patch from source stains ``d_src`` to target stains ``d_tgt`` (both (2, 3)),
+    scaling each stain's concentration by ``max_c_tgt / (patch 99th percentile)``."""
+    n = batch.shape[0]
+    npx = batch.shape[1] * batch.shape[2]
+    status = np.zeros(n, np.int8)
+    for i in prange(n):
+        status[i] = _vahadane_patch(
+            batch[i].reshape((npx, 3)),
+            out[i].reshape((npx, 3)),
+            od240,
+            od255,
+            beta,
+            min_tissue,
+            d_src,
+            d_tgt,
+            max_c_tgt,
+            lam,
+            maxc_out[i],
+        )
+    return status
+
+
+@njit(cache=True)
+def gather_stain_like_od(batch, od240, od255, beta, stride):
+    """OD (staintools convention) of every ``stride``-th stain-like pixel of a batch (M, 3)."""
+    n = batch.shape[0]
+    npx = batch.shape[1] * batch.shape[2]
+    total = 0
+    for i in range(n):
+        total += _stain_like_count(batch[i].reshape((npx, 3)), od240, beta)
+    out = np.empty(((total + stride - 1) // stride, 3))
+    k = 0
+    m = 0
+    for i in range(n):
+        px = batch[i].reshape((npx, 3))
+        for p in range(npx):
+            if _is_stain_like(od240[px[p, 0]], od240[px[p, 1]], od240[px[p, 2]], beta):
+                if k % stride == 0:
+                    for c in range(3):
+                        out[m, c] = od255[px[p, c]]
+                    m += 1
+                k += 1
+    return out[:m]
