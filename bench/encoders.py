@@ -100,7 +100,7 @@ def main() -> None:
     )
     header = (
         f"{'encoder':<16}{'params':>13}{'GFLOP/p':>9}{'bare p/s':>10}{'prep p/s':>10}"
-        f"{'ratio':>7}{'(≥0.95)':>8}{'rs p/s':>9}{'ratio':>7}{'(≥0.90)':>8}{'H100 p/s*':>11}"
+        f"{'ratio':>7}{'(≥0.95)':>8}{'rs p/s':>9}{'ratio':>7}{'(≥0.90)':>8}{'H100 p/s*':>13}"
     )
     print(header)
     print("-" * len(header))
@@ -111,7 +111,7 @@ def main() -> None:
             f"{r['name']:<16}{r['params']:>13,}{r['gflops']:>9.2f}{r['bare']:>10.1f}"
             f"{r['prep']:>10.1f}{ratio:>7.2f}{'ok' if ratio >= 0.95 else 'MISS':>8}"
             f"{r['prep+rs']:>9.1f}{ratio_rs:>7.2f}{'ok' if ratio_rs >= 0.90 else 'MISS':>8}"
-            f"{r['h100']:>11,.0f}"
+            f"{r['h100']:>13,.0f}"
         )
     print(
         f"* expected, not measured: {H100_BF16_DENSE_TFLOPS:.0f} TFLOP/s bf16 peak x "

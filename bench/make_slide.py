@@ -27,8 +27,13 @@ from scipy import ndimage
 TILE = 256
 CELL = 32  # level-0 px per cell of the island field
 SLIDES = Path(__file__).resolve().parents[1].parent / "shared" / "slides" / "real"
-SOURCES = ("tcga-cr-7395-01a-01-ts1.svs", "cmu-1-small-region.svs")
+# source slide and its tissue-dense box (x0, y0, x1, y1) in level-0 px
+SOURCES = (
+    ("tcga-cr-7395-01a-01-ts1.svs", (512, 640, 3968, 3200)),
+    ("cmu-1-small-region.svs", (768, 768, 1664, 2944)),
+)
 GLASS = np.array([243, 242, 244], np.uint8)
+GLASS16 = GLASS.astype(np.uint16)
 
 
 def _box_down(img: np.ndarray, f: int) -> np.ndarray:
@@ -42,14 +47,13 @@ def _box_down(img: np.ndarray, f: int) -> np.ndarray:
 
 
 def load_sources(max_levels: int) -> list[np.ndarray]:
-    """Level-0 RGB of each source slide, cropped to a multiple of 4**(levels-1)."""
+    """Level-0 RGB of each source's tissue box, cropped to a multiple of 4**(levels-1)."""
     m = 4 ** (max_levels - 1)
     out = []
-    for name in SOURCES:
+    for name, (x0, y0, x1, y1) in SOURCES:
+        w, h = max(m, (x1 - x0) // m * m), max(m, (y1 - y0) // m * m)
         with openslide.OpenSlide(SLIDES / name) as s:
-            w, h = s.dimensions
-            w, h = (w // m) * m, (h // m) * m
-            rgb = np.asarray(s.read_region((0, 0), 0, (w, h)).convert("RGB"))
+            rgb = np.asarray(s.read_region((x0, y0), 0, (w, h)).convert("RGB"))
         out.append(rgb)
     return out
 
@@ -68,16 +72,19 @@ def island_field(width: int, height: int, fraction: float, seed: int) -> tuple[n
     return field.astype(np.float32), thr
 
 
-def _interp_matrix() -> np.ndarray:
-    """(TILE, TILE/CELL*... ) bilinear weights from a cell block with 1-cell margin to tile pixels."""
+def _interp_weights() -> tuple[np.ndarray, np.ndarray]:
+    """Bilinear sample positions of tile pixels in a cell block with a 1-cell margin: (i0, t)."""
     n = TILE // CELL + 2
-    pos = (np.arange(TILE) + 0.5) / CELL - 0.5 + 1  # in block coordinates (margin of one cell)
-    i0 = np.clip(np.floor(pos).astype(int), 0, n - 2)
-    t = pos - i0
-    m = np.zeros((TILE, n), np.float32)
-    m[np.arange(TILE), i0] = 1 - t
-    m[np.arange(TILE), i0 + 1] = t
-    return m
+    pos = (np.arange(TILE) + 0.5) / CELL - 0.5 + 1
+    i0 = np.clip(np.floor(pos).astype(np.intp), 0, n - 2)
+    return i0, (pos - i0).astype(np.float32)
+
+
+def _upsample(blk: np.ndarray, i0: np.ndarray, t: np.ndarray) -> np.ndarray:
+    """Separable bilinear upsampling of a cell block to a tile (no BLAS: tiny matmuls are slow
+    under thread contention)."""
+    rows = blk[i0] * (1 - t)[:, None] + blk[i0 + 1] * t[:, None]
+    return rows[:, i0] * (1 - t)[None, :] + rows[:, i0 + 1] * t[None, :]
 
 
 class LevelRenderer:
@@ -100,7 +107,7 @@ class LevelRenderer:
         n = int(labels.max()) + 1
         self.choice = rng.integers(0, len(sources), n)
         self.offset = rng.integers(0, 1 << 20, (n, 2))
-        self.m = _interp_matrix()
+        self.i0, self.t = _interp_weights()
         self.glass = np.broadcast_to(GLASS, (TILE, TILE, 3))
 
     def tile(self, tx: int, ty: int) -> np.ndarray:
@@ -120,9 +127,12 @@ class LevelRenderer:
             return tissue
         if blk.shape != (k + 2, k + 2):
             blk = np.pad(blk, ((0, k + 2 - blk.shape[0]), (0, k + 2 - blk.shape[1])), mode="edge")
-        a = self.m @ blk @ self.m.T
-        a = np.clip((a - lo) / (hi - lo), 0.0, 1.0)[..., None]
-        return (tissue * a + GLASS * (1.0 - a)).astype(np.uint8)
+        a = _upsample(blk, self.i0, self.t)
+        a = (np.clip((a - lo) * (256.0 / (hi - lo)), 0.0, 256.0) + 0.5).astype(np.uint16)[..., None]
+        out = tissue * a  # uint16 fixed-point blend with the glass
+        out += GLASS16 * (256 - a)
+        out += 128
+        return (out >> 8).astype(np.uint8)
 
     def tiles(self):
         for ty in range(-(-self.h // TILE)):

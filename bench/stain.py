@@ -181,7 +181,7 @@ def main(argv=None) -> None:
     # ---- report ----------------------------------------------------------------------------
     head = ("method", "implementation", "patches/s", "vs ts-numpy", "MAD vs ts-numpy", "target")
     widths = [max(len(str(r[i])) for r in [head, *rows]) for i in range(len(head))]
-    line = "  ".join("{:<%d}" % w for w in widths)
+    line = "  ".join(f"{{:<{w}}}" for w in widths)
     print(line.format(*head))
     print(line.format(*("-" * w for w in widths)))
     for r in rows:

@@ -121,6 +121,7 @@ def warm_page_cache(path: Path) -> None:
 def run_case(name: str, path: Path, patch: int, mpp: float, args, rows: list, checks: list) -> None:
     from wsi.tissue import detect_tissue
 
+    detect_tissue(np.full((256, 256, 3), 240, np.uint8), mpp=8.0)  # compile Numba kernels first
     with open_slide(path) as slide:
         t0 = time.perf_counter()
         mask = detect_tissue(slide)

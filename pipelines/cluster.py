@@ -55,17 +55,30 @@ _JOBQUEUE_FIELDS = {
 }
 
 
+#: native thread pools sized per worker (processes for tiling, threads inside)
+THREAD_VARS = ("NUMBA_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+
+
 class ClusterError(RuntimeError):
     """The cluster could not be started or reached; the message names the reason and the fix."""
 
 
+class ClusterTaskError(RuntimeError):
+    """One or more tasks of a ``run_calls`` batch failed; the message names them and why."""
+
+
 def scheduler_settings(cfg: ClusterConfig) -> dict[str, Any]:
-    """Dask config for a scheduler we start: bounded retries after worker deaths, and one task
-    per worker thread (so a dying worker takes no queued, innocent slide down with it)."""
-    return {
+    """Dask config for a cluster we start: bounded retries after worker deaths, one task per
+    worker thread (so a dying worker takes no queued, innocent slide down with it), and local
+    workers whose native thread pools (Numba, OpenMP, BLAS) match ``threads_per_worker``."""
+    settings: dict[str, Any] = {
         "distributed.scheduler.allowed-failures": cfg.retries,
         "distributed.scheduler.worker-saturation": 1.0,
     }
+    if cfg.kind == "local":
+        for var in THREAD_VARS:
+            settings[f"distributed.nanny.pre-spawn-environ.{var}"] = cfg.threads_per_worker
+    return settings
 
 
 def local_workers(cfg: ClusterConfig) -> int:
@@ -117,6 +130,10 @@ def jobqueue_kwargs(cfg: ClusterConfig) -> dict[str, Any]:
         kwargs["job_extra_directives"] = directives
     if worker_args:
         kwargs["worker_extra_args"] = worker_args
+    cores = kwargs.get("cores", site.get("cores") or 1)
+    threads = max(1, int(cores) // int(kwargs.get("processes", site.get("processes") or 1)))
+    prologue = list(kwargs.get("job_script_prologue", site.get("job-script-prologue") or []))
+    kwargs["job_script_prologue"] = [f"export NUMBA_NUM_THREADS={threads}", *prologue]
     scheduler_options = dict(site.get("scheduler-options") or {})
     if cfg.scheduler_host:
         scheduler_options["host"] = cfg.scheduler_host
@@ -148,10 +165,8 @@ def _make_cluster(cfg: ClusterConfig):
     kwargs = jobqueue_kwargs(cfg)
     cluster = cls(**kwargs)
     cluster.adapt(minimum_jobs=cfg.minimum, maximum_jobs=cfg.maximum)
-    logger.info(
-        "%s cluster: adaptive %d..%d jobs; job script:\n%s",
-        cfg.kind, cfg.minimum, cfg.maximum, cluster.job_script(),
-    )
+    logger.info("%s cluster: adaptive scaling between %d and %d jobs", cfg.kind, cfg.minimum, cfg.maximum)
+    logger.debug("%s job script:\n%s", cfg.kind, cluster.job_script())
     return cluster
 
 
@@ -228,8 +243,25 @@ def map_tasks(
     resources: dict[str, float] | None = None,
     on_done: Callable[[int, Future], None] | None = None,
 ) -> list[Future]:
-    """Run ``fn(item, *args)`` as one task per item, wait for all, return the futures in input
-    order. ``on_done(index, future)`` is called as each finishes (in completion order).
+    """Run ``fn(item, *args)`` as one task per item; see :func:`submit_calls`."""
+    calls = [((item, *args), {}) for item in items]
+    return submit_calls(client, fn, calls, names=names, prefix=prefix, retries=retries,
+                        resources=resources, on_done=on_done)
+
+
+def submit_calls(
+    client: Client,
+    fn: Callable[..., T],
+    calls: Sequence[tuple[tuple[Any, ...], dict[str, Any]]],
+    *,
+    names: Sequence[str] | None = None,
+    prefix: str | None = None,
+    retries: int = 0,
+    resources: dict[str, float] | None = None,
+    on_done: Callable[[int, Future], None] | None = None,
+) -> list[Future]:
+    """Run ``fn(*args, **kwargs)`` for each ``(args, kwargs)`` as one task, wait for all, return
+    the futures in input order. ``on_done(index, future)`` is called as each one finishes.
 
     Tasks are marked as data producers, so the scheduler queues them and hands each worker only
     as many as it has threads: a worker that dies takes down only the tasks it was running, not
@@ -239,12 +271,12 @@ def map_tasks(
     from distributed import as_completed
 
     prefix = prefix or getattr(fn, "__name__", None) or getattr(getattr(fn, "func", None), "__name__", "task")
-    names = list(names) if names is not None else [str(i) for i in range(len(items))]
+    names = list(names) if names is not None else [str(i) for i in range(len(calls))]
     group = f"{prefix}-{uuid4().hex[:8]}"
     keys = [(group, name) for name in names]
     graph = {
-        key: Task(key, fn, item, *args, _data_producer=True)
-        for key, item in zip(keys, items, strict=True)
+        key: Task(key, fn, *args, _data_producer=True, **kwargs)
+        for key, (args, kwargs) in zip(keys, calls, strict=True)
     }
     futures = client.get(graph, keys, sync=False, retries=retries, resources=resources) if keys else []
     index = {f.key: i for i, f in enumerate(futures)}
@@ -252,6 +284,41 @@ def map_tasks(
         if on_done is not None:
             on_done(index[fut.key], fut)
     return futures
+
+
+def run_calls(
+    fn: Callable[..., T],
+    calls: Sequence[tuple[tuple[Any, ...], dict[str, Any]]],
+    cfg: ClusterConfig | None = None,
+    *,
+    names: Sequence[str] | None = None,
+    resources: dict[str, float] | None = None,
+    on_result: Callable[[int, T], None] | None = None,
+) -> list[T]:
+    """Run ``fn(*args, **kwargs)`` for each call on the cluster ``cfg``; results in input order
+    (e.g. the folds of ``slidepipe train --cluster``). When a task fails, the others still finish,
+    then ``ClusterTaskError`` names the failed task(s) and chains the first error."""
+    cfg = cfg or ClusterConfig()
+    names = list(names) if names is not None else [str(i) for i in range(len(calls))]
+    results: list[Any] = [None] * len(calls)
+    errors: list[tuple[str, str, BaseException | None]] = []
+
+    def on_done(i: int, fut: Future) -> None:
+        if fut.status == "finished":
+            results[i] = fut.result()
+            if on_result is not None:
+                on_result(i, results[i])
+        else:
+            reason, _ = _failure_reason(fut, cfg.retries if "://" not in cfg.kind else None)
+            errors.append((names[i], reason, None if fut.status == "cancelled" else fut.exception()))
+        fut.release()
+
+    with cluster_client(cfg) as client:
+        submit_calls(client, fn, calls, names=names, retries=cfg.retries, resources=resources, on_done=on_done)
+    if errors:
+        listed = "; ".join(f"{name}: {reason}" for name, reason, _ in errors)
+        raise ClusterTaskError(f"{len(errors)} of {len(calls)} cluster task(s) failed: {listed}") from errors[0][2]
+    return results
 
 
 def map_slides(
@@ -341,7 +408,10 @@ def probe_slide(path: str | Path, job: Any = None) -> SlideResult:
     path = Path(path)
     return SlideResult(
         slide_id_for(path), str(path), "done",
-        extra={"host": socket.gethostname(), "pid": os.getpid(), "exists": path.exists()},
+        extra={
+            "host": socket.gethostname(), "pid": os.getpid(), "exists": path.exists(),
+            "threads": {var: os.environ.get(var) for var in THREAD_VARS},
+        },
     )
 
 
@@ -352,7 +422,13 @@ class ClusterProgress:
     """
 
     def __init__(self, total: int, *, title: str = "slides", console=None):
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+        )
 
         self.failed = 0
         self._progress = Progress(

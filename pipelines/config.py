@@ -138,6 +138,9 @@ class TrainJob(_Model):
     standardize: bool = True
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    torch_threads: int | None = Field(
+        None, ge=1, description="CPU threads for torch during training (default: torch's)"
+    )
     allow_missing: bool = False
     log_csv: bool = True
     cluster: ClusterConfig | None = None

@@ -210,69 +210,69 @@ class _Producer:
 
         job, store, t = self.job, self.store, self.job.tiling
         work = _Work(path, slide_id_for(path), time.perf_counter(), contextlib.ExitStack())
-        started = False
+        started = False  # from "start" on, work.stack (claim, then writer) belongs to the consumer
         try:
-            slide = work.stack.enter_context(open_slide(path, backend=t.backend, mpp=t.slide_mpp))
-            source = {**slide.identity(), "slide_mpp": float(slide.mpp), "mpp_source": slide.mpp_source}
-            if store.check_slide(work.slide_id, source, overwrite=job.overwrite):
-                work.stack.close()
-                yield _Event("skip", work, reason="already in the store with the same identity")
-                return
-            try:
-                work.stack.enter_context(store.claim(work.slide_id))
-            except SlideClaimedError as err:
-                work.stack.close()
-                yield _Event("busy", work, reason=str(err))
-                return
-            if store.check_slide(work.slide_id, source, overwrite=job.overwrite) and not job.overwrite:
-                work.stack.close()  # finished by another process between our check and our claim
-                yield _Event("skip", work, reason="written by another process meanwhile")
-                return
-            mask = detect_tissue(slide, target_mpp=t.tissue_mpp)
-            grid = make_grid(
-                slide, mask, patch_size=t.patch_size, mpp=t.mpp, overlap=t.overlap, min_tissue=t.min_tissue
-            )
-            work.grid = grid
-            work.attrs = {
-                "slide_id": work.slide_id,
-                "source": source,
-                "slide_mpp": float(slide.mpp),
-                "mpp_source": slide.mpp_source,
-                "backend": slide.backend,
-                "read_level": grid.read_level,
-                "read_level_dimensions": list(slide.level_dimensions[grid.read_level]),
-                "effective_mpp": grid.effective_mpp,
-                "tissue_fraction": float(getattr(mask, "fraction", float("nan"))),
-                "grid": grid.to_attrs(),
-                "written_by": {"host": socket.gethostname(), "pid": os.getpid()},
-            }
-            yield _Event("start", work)
-            started = True
-            if len(grid) == 0:
+            # the slide handle stays with this thread: closed here, after its last patch is read
+            with open_slide(path, backend=t.backend, mpp=t.slide_mpp) as slide:
+                source = {**slide.identity(), "slide_mpp": float(slide.mpp), "mpp_source": slide.mpp_source}
+                if store.check_slide(work.slide_id, source, overwrite=job.overwrite):
+                    yield _Event("skip", work, reason="already in the store with the same identity")
+                    return
+                try:
+                    work.stack.enter_context(store.claim(work.slide_id))
+                except SlideClaimedError as err:
+                    yield _Event("busy", work, reason=str(err))
+                    return
+                if store.check_slide(work.slide_id, source, overwrite=job.overwrite):
+                    work.stack.close()  # finished by another process between our check and our claim
+                    yield _Event("skip", work, reason="written by another process meanwhile")
+                    return
+                mask = detect_tissue(slide, target_mpp=t.tissue_mpp)
+                grid = make_grid(
+                    slide, mask, patch_size=t.patch_size, mpp=t.mpp, overlap=t.overlap, min_tissue=t.min_tissue
+                )
+                work.grid = grid
+                work.attrs = {
+                    "slide_id": work.slide_id,
+                    "source": source,
+                    "slide_mpp": float(slide.mpp),
+                    "mpp_source": slide.mpp_source,
+                    "backend": slide.backend,
+                    "read_level": grid.read_level,
+                    "read_level_dimensions": list(slide.level_dimensions[grid.read_level]),
+                    "effective_mpp": grid.effective_mpp,
+                    "tissue_fraction": float(getattr(mask, "fraction", float("nan"))),
+                    "grid": grid.to_attrs(),
+                    "written_by": {"host": socket.gethostname(), "pid": os.getpid()},
+                }
+                started = True
+                yield _Event("start", work)
+                if len(grid) == 0:
+                    yield _Event("end", work)
+                    return
+                reader = PatchReader(
+                    slide, grid, batch_size=job.batch_size, workers=job.workers,
+                    skip_corrupt_tiles=job.skip_corrupt_tiles,
+                )
+                for batch in reader:
+                    if work.error is not None:  # the encoder side gave up on this slide
+                        break
+                    images = batch.images
+                    if self.normalizer is not None:
+                        images = self.normalizer.transform(images)
+                    yield _Event("batch", work, images=self.embedder.to_tensor(images),
+                                 coords=np.asarray(batch.coords, np.int64), indices=np.asarray(batch.indices))
+                skipped = [[int(i), str(r)] for i, r in reader.skipped]
+                if skipped:
+                    work.attrs["skipped_tiles"] = skipped
                 yield _Event("end", work)
-                return
-            reader = PatchReader(
-                slide, grid, batch_size=job.batch_size, workers=job.workers,
-                skip_corrupt_tiles=job.skip_corrupt_tiles,
-            )
-            for batch in reader:
-                images = batch.images
-                if self.normalizer is not None:
-                    images = self.normalizer.transform(images)
-                yield _Event("batch", work, images=self.embedder.to_tensor(images),
-                             coords=np.asarray(batch.coords, np.int64), indices=np.asarray(batch.indices))
-            skipped = [[int(i), str(r)] for i, r in getattr(reader, "skipped", [])]
-            if skipped:
-                work.attrs["skipped_tiles"] = skipped
-            yield _Event("end", work)
         except Exception as err:  # one bad slide never stops the batch
             if not started:
                 work.stack.close()
             yield _Event("fail", work, error=err)
-        except GeneratorExit:  # the consumer stopped early: release what is not handed over yet
+        finally:  # also on GeneratorExit (the consumer stopped early)
             if not started:
                 work.stack.close()
-            raise
 
 
 class _Consumer:
@@ -297,7 +297,9 @@ class _Consumer:
                 res.n_patches = int(attrs.get("n_tiles", 0))
             return res
         if ev.kind == "fail":
-            self._drain(w)
+            if w.error is not None:  # already failed on the encoder side: keep that reason
+                return None
+            self.pending = [p for p in self.pending if p[0] is not w]
             return self._abort(w, ev.error)
         if w.error is not None:  # slide already failed on the encoder side: drop its events
             return None
@@ -315,6 +317,7 @@ class _Consumer:
                 self.pending.append((w, ev.coords, w.grid.tissue[ev.indices], out))
             elif ev.kind == "end":
                 self._drain()
+                w.writer.attrs.update(w.attrs)  # e.g. skipped_tiles, known only after reading
                 w.stack.close()  # writer commits (one rename), claim released, slide closed
                 self.open.pop(id(w), None)
                 seconds = time.perf_counter() - w.t0

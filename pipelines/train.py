@@ -363,13 +363,16 @@ def train_fold(
     n_classes = len(cohort.classes)
     device = resolve_device(job.device)
     seed = _fold_seed(job.seed, split.repeat, split.fold)
-    prev_det = torch.are_deterministic_algorithms_enabled()
+    prev_det, prev_threads = torch.are_deterministic_algorithms_enabled(), torch.get_num_threads()
     if device.type == "cpu":
         torch.use_deterministic_algorithms(True)
+    if job.torch_threads is not None:
+        torch.set_num_threads(job.torch_threads)
     try:
         return _train_fold(bags, split, cohort, labels, n_classes, job, run_dir, heldout, device, seed, progress)
     finally:
         torch.use_deterministic_algorithms(prev_det)
+        torch.set_num_threads(prev_threads)
 
 
 def _train_fold(bags, split, cohort, labels, n_classes, job, run_dir, heldout, device, seed, progress):
@@ -617,7 +620,8 @@ def write_results(
     cols = ["slide_id", "patient_id", "repeat", "fold", "part", "label", "pred", *prob_cols]
     predictions = pd.DataFrame([p for r in results for p in r.predictions], columns=cols)
     predictions.to_csv(run_dir / "predictions.csv", index=False)
-    pd.DataFrame([row for r in results for row in r.log]).to_csv(run_dir / "log.csv", index=False)
+    if job.log_csv:
+        pd.DataFrame([row for r in results for row in r.log]).to_csv(run_dir / "log.csv", index=False)
     metrics = {
         "model": job.model, "model_kwargs": job.model_kwargs, "target": job.target,
         "classes": cohort.classes, "n_slides": len(cohort.slide_ids),

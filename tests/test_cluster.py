@@ -21,6 +21,7 @@ from slurm_harness import SlurmNode, slurm  # noqa: F401  (session fixture)
 
 from pipelines.cluster import (
     ClusterError,
+    ClusterTaskError,
     cluster_client,
     gpu_resources,
     jobqueue_kwargs,
@@ -28,6 +29,7 @@ from pipelines.cluster import (
     map_slides,
     probe_slide,
     resolve_cluster,
+    run_calls,
     run_slides,
 )
 from pipelines.config import ClusterConfig, ConfigError, load_config
@@ -209,6 +211,8 @@ def test_map_slides_spreads_over_two_processes_in_input_order(tmp_path):
     assert len({r.extra["pid"] for r in results}) == 2
     assert os.getpid() not in {r.extra["pid"] for r in results}
     assert sorted(r.slide_id for r in seen) == [p.stem for p in paths]
+    # processes for tiling, threads inside: native pools sized to threads_per_worker
+    assert results[0].extra["threads"]["NUMBA_NUM_THREADS"] == "1"
 
 
 @pytest.mark.cluster
@@ -245,6 +249,22 @@ def test_slide_that_always_kills_its_worker_is_failed_and_the_rest_complete(tmp_
     assert store.slide_ids() == sorted(set(by_id) - {victim})
 
 
+def scaled(x: float, *, by: float = 1.0) -> tuple[float, int]:
+    return x / by, os.getpid()
+
+
+@pytest.mark.cluster
+def test_run_calls_results_in_order_and_failures_named():
+    calls = [((float(i),), {"by": 2.0}) for i in range(6)]
+    results = run_calls(scaled, calls, local_cfg(), names=[f"fold{i}" for i in range(6)])
+    assert [r[0] for r in results] == [i / 2 for i in range(6)]
+    assert os.getpid() not in {r[1] for r in results}
+    bad = [((1.0,), {"by": 1.0}), ((1.0,), {"by": 0.0})]
+    with pytest.raises(ClusterTaskError, match="1 of 2 cluster task.*fold1: float division by zero") as info:
+        run_calls(scaled, bad, local_cfg(retries=0), names=["fold0", "fold1"])
+    assert isinstance(info.value.__cause__, ZeroDivisionError)
+
+
 @pytest.mark.cluster
 def test_existing_scheduler_by_address(tmp_path):
     from distributed import LocalCluster
@@ -254,6 +274,74 @@ def test_existing_scheduler_by_address(tmp_path):
         results = map_slides(probe_slide, real_slides()[:2], None, cfg)
         assert all(r.status == "done" for r in results)
         assert len(lc.scheduler.workers) == 1  # the existing cluster is left running
+
+
+# --- extraction on a local cluster ------------------------------------------------------------
+
+def extract_job(out: Path, **kw):
+    from pipelines.config import ExtractJob
+
+    return ExtractJob(
+        slides=[str(p) for p in real_slides()], out=out, encoder="tiny-vit", weights="random",
+        device="cpu", batch_size=32, torch_threads=1, tiling={"slide_mpp": 0.5}, **kw,
+    )
+
+
+def extract_killed_once(path: Path, job, *, markers: Path) -> SlideResult:
+    """``extract_slide``, but the first time a slide is seen its worker is SIGKILLed right after
+    the first batch of features went into the store's staging area (mid-slide)."""
+    import wsi.store
+    from pipelines.extract import extract_slide
+
+    marker = markers / f"{slide_id_for(path)}.killed"
+    if marker.exists():
+        return extract_slide(path, job)
+    marker.write_text(str(os.getpid()))
+    append = wsi.store.SlideWriter.append
+
+    def append_then_die(self, *args, **kwargs):
+        append(self, *args, **kwargs)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    wsi.store.SlideWriter.append = append_then_die
+    try:
+        return extract_slide(path, job)  # a slide without patches survives: nothing to append
+    finally:
+        wsi.store.SlideWriter.append = append
+
+
+def assert_same_extraction(a: Path, b: Path) -> None:
+    assert_same_store(a, b)  # features too: torch_threads=1 makes CPU runs bit-reproducible
+    sa, sb = FeatureStore(a, mode="r"), FeatureStore(b, mode="r")
+    assert sa.identity == sb.identity
+    for sid in sa.slide_ids():
+        keep = ("n_tiles", "feature_dim", "complete")
+        assert {k: sa.read(sid).attrs.get(k) for k in keep} == {k: sb.read(sid).attrs.get(k) for k in keep}
+
+
+@pytest.mark.cluster
+def test_extract_two_workers_killed_mid_slide_gives_the_single_process_store(tmp_path):
+    from functools import partial
+
+    from pipelines.extract import load_encoder, open_store, run_extract
+
+    serial = run_extract(extract_job(tmp_path / "serial.zarr"))
+    assert serial.n_failed == 0 and serial.n_patches > 0
+
+    job = extract_job(tmp_path / "cluster.zarr")
+    open_store(job, load_encoder(job))  # the store's identity, as run_extract records it
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    fn = partial(extract_killed_once, markers=markers)
+    results = map_slides(fn, real_slides(), job, local_cfg(retries=2))
+    assert [r.status for r in results] == ["done"] * len(results), [r.reason for r in results]
+    killed = {m.stem for m in markers.glob("*.killed")}
+    assert killed == {r.slide_id for r in results}
+    assert {r.slide_id: r.n_patches for r in results} == {r.slide_id: r.n_patches for r in serial.results}
+    assert_same_extraction(tmp_path / "serial.zarr", tmp_path / "cluster.zarr")
+    store = tmp_path / "cluster.zarr"
+    assert not [p for p in (store / ".staging").iterdir()]  # no partial slide anywhere
+    assert not list((store / ".claims").glob("*.claim"))
 
 
 # --- real SLURM ------------------------------------------------------------------------------

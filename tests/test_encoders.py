@@ -164,10 +164,10 @@ def test_random_weights_are_seeded_and_leave_global_rng_alone():
     torch.manual_seed(123)
     a = create_encoder("tiny-vit", weights="random")
     after = torch.rand(1)
-    b = create_encoder("tiny-vit", weights="random")
+    b = create_encoder("tiny-vit", weights="random", device="auto")
     assert torch.equal(after, expected_next)
     x = _patches(2, 32)
-    assert torch.equal(a.encode(x), b.encode(x))
+    assert torch.equal(a.encode(x).cpu(), b.encode(x).cpu())
 
 
 def test_preprocess_normalises_with_spec_mean_std():
@@ -313,8 +313,9 @@ def test_ctranspath_loads_legacy_checkpoint(tmp_path, name):
     source = create_encoder(name, weights="random")
     _perturb_(source.trunk)
     legacy = _legacy_ctranspath_checkpoint(source.trunk)
-    assert "layers.0.downsample.reduction.weight" in legacy
-    assert "layers.1.downsample.reduction.weight" not in legacy or name == "ctranspath"
+    last = len(source.trunk.layers) - 1
+    assert "layers.0.downsample.reduction.weight" in legacy  # old layout: stage 0 downsamples
+    assert f"layers.{last}.downsample.reduction.weight" not in legacy
     assert any(k.endswith("attn_mask") for k in legacy)
     assert "patch_embed.proj.0.weight" in legacy and "patch_embed.proj.6.bias" in legacy
     path = tmp_path / "ctranspath.pth"
@@ -421,10 +422,54 @@ def test_hf_hub_offline_names_cache_and_local_path(tmp_path, monkeypatch):
     assert err.__cause__ is not None
 
 
+def test_hf_hub_loads_from_local_cache_offline(tmp_path, monkeypatch):
+    """The hub path through timm, served from a Hugging Face cache (no network)."""
+    from huggingface_hub import constants
+
+    source = create_encoder("tiny-vit", weights="random")
+    _perturb_(source.trunk)
+    cache = tmp_path / "hf-cache"
+    revision = "0123456789abcdef0123456789abcdef01234567"
+    repo = cache / "models--slidepipe--tiny-vit"
+    snapshot = repo / "snapshots" / revision
+    snapshot.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    args = {k: v for k, v in source.spec.timm_kwargs.items() if not callable(v)}
+    config = {
+        "architecture": source.spec.arch,
+        "num_classes": 0,
+        "model_args": args,
+        "pretrained_cfg": {"input_size": [3, 32, 32], "num_classes": 0},
+    }
+    (snapshot / "config.json").write_text(json.dumps(config))
+    state = {k: v.contiguous() for k, v in source.trunk.state_dict().items()}
+    save_file(state, str(snapshot / "model.safetensors"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+
+    enc = create_encoder("tiny-vit", weights="hf-hub:slidepipe/tiny-vit")
+    digest = hashlib.sha256((snapshot / "model.safetensors").read_bytes()).hexdigest()
+    assert enc.weights_id == f"sha256:{digest}"
+    x = _patches(2, 32)
+    torch.testing.assert_close(enc.encode(x), source.encode(x), rtol=0, atol=0)
+
+
 def test_weights_error_pickles():
     err = WeightsError("x.pth", "broken", "replace it")
     again = pickle.loads(pickle.dumps(err))
     assert str(again) == str(err) == "x.pth: broken. Fix: replace it"
+
+
+def test_specs_and_encoders_pickle():
+    spec = get_spec("virchow2")
+    assert pickle.loads(pickle.dumps(spec)) is spec
+    enc = create_encoder("tiny-swin", weights="random")
+    again = pickle.loads(pickle.dumps(enc))
+    assert again.spec is enc.spec and again.weights_id == "random"
+    x = _patches(2, 32)
+    torch.testing.assert_close(again.encode(x), enc.encode(x), rtol=0, atol=0)
 
 
 def test_identity_is_json():
@@ -477,6 +522,15 @@ def test_channels_last_for_cnns_keeps_outputs():
     torch.testing.assert_close(enc.encode(x), ref, rtol=1e-5, atol=1e-5)
     vit = prepare_for_inference(create_encoder("tiny-vit", weights="random"))
     assert not vit.channels_last
+
+
+@pytest.mark.slow
+def test_compiled_trunk_matches_eager():
+    enc = create_encoder("tiny-resnet", weights="random")
+    x = _patches(2, 32)
+    ref = enc.encode(x)
+    prepare_for_inference(enc, compile=True)
+    torch.testing.assert_close(enc.encode(x), ref, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.gpu

@@ -17,6 +17,7 @@ TINY = {  # small widths so every head runs in milliseconds
     "dsmil": {"hidden": 16, "query_dim": 8},
 }
 SOFTMAX_ATTENTION = {"abmil", "gated-abmil", "clam-sb", "clam-mb", "dsmil", "mean"}
+SUMS_TO_ONE = SOFTMAX_ATTENTION | {"max"}
 
 
 def make(name: str, n_classes: int = C) -> torch.nn.Module:
@@ -55,8 +56,9 @@ def test_shapes_and_attention_on_real_instances(name):
     assert out.logits.shape == (3, C) and torch.isfinite(out.logits).all()
     assert out.attention is not None and out.attention.shape == (3, 40)
     assert torch.all(out.attention[~mask] == 0)
-    if name in SOFTMAX_ATTENTION:
+    if name in SUMS_TO_ONE:
         assert torch.allclose(out.attention.sum(1), torch.ones(3), atol=1e-5)
+    if name in SOFTMAX_ATTENTION:
         assert torch.all(out.attention[mask] > 0)
 
 
@@ -122,6 +124,7 @@ def test_parameter_counts():
     assert _n_params(create_mil("abmil", d, c)) == embed + attn_v + attn_w + clf == 230403
     assert _n_params(create_mil("gated-abmil", d, c)) == 230403 + attn_v
     assert _n_params(create_mil("mean", d, c)) == embed + clf
+    assert _n_params(create_mil("max", d, c)) == embed + clf
     h2, a2 = 512, 256  # CLAM "small": 768 -> 512 -> 256, gated attention
     clam_common = d * h2 + h2 + 2 * (h2 * a2 + a2) + c * (h2 * 2 + 2)
     assert _n_params(create_mil("clam-sb", d, c)) == clam_common + (a2 + 1) + h2 * c + c

@@ -267,3 +267,22 @@ def test_cli_tile_every_shared_slide(real_slides_dir, bad_slides_dir, tmp_path):
         assert (tmp_path / "overlays" / f"{sid}.png").exists()
     assert by_id["tiny-aperio"]["n_patches"] == 0
     assert 100 <= by_id["tcga-cr-7395-01a-01-ts1"]["n_patches"] <= 221  # 17 x 13 at most
+
+
+@pytest.mark.cluster
+def test_run_tile_on_a_local_dask_cluster(real_slides_dir, bad_slides_dir, tmp_path):
+    """tile_slide runs in Dask worker processes; results come back in input order, bad ones failed."""
+    slides = [str(real_slides_dir / "tiny-aperio.svs"), str(bad_slides_dir / "broken.svs"),
+              str(real_slides_dir / "cmu-1-small-region.svs")]
+    local = TileJob(out=tmp_path / "local", slides=slides)
+    dask = TileJob(out=tmp_path / "dask", slides=slides,
+                   cluster={"kind": "local", "n_workers": 2, "dashboard_address": None})
+    a, b = run_tile(local), run_tile(dask)
+    assert [(r.slide_id, r.status, r.n_patches) for r in a.results] == [
+        (r.slide_id, r.status, r.n_patches) for r in b.results
+    ]
+    assert [r.status for r in b.results] == ["failed", "done", "done"]  # sorted input order
+    with h5py.File(tmp_path / "local" / "patches" / "cmu-1-small-region_patches.h5", "r") as f, h5py.File(
+        tmp_path / "dask" / "patches" / "cmu-1-small-region_patches.h5", "r"
+    ) as g:
+        np.testing.assert_array_equal(f["coords"][:], g["coords"][:])

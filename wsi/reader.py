@@ -36,9 +36,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
-from PIL import Image
 
 from wsi.errors import CorruptTileError
+from wsi.resample import box_reduce, resize_patch
 from wsi.tiff_tiles import TiffLevel, TiffTileSource, TileDecodeError
 
 if TYPE_CHECKING:
@@ -103,19 +103,6 @@ class ReadSpec:
         if self.downsample == 1.0:
             return c.copy()
         return np.rint(c / self.downsample).astype(np.int64)
-
-
-def resize_patch(rgb: np.ndarray, size: int) -> np.ndarray:
-    """Area-filter downsize of a square RGB patch to ``size`` px (anti-aliased)."""
-    n = rgb.shape[0]
-    if n == size:
-        return rgb
-    img = Image.fromarray(rgb)
-    if n > size and n % size == 0:
-        img = img.reduce(n // size)
-    else:
-        img = img.resize((size, size), Image.Resampling.BOX if n > size else Image.Resampling.BICUBIC)
-    return np.asarray(img)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -203,7 +190,13 @@ def tile_refcounts(xy: np.ndarray, size: int, lv: TiffLevel) -> np.ndarray:
 
 
 class _DirectSource:
-    """Direct decoding of one slide's stored tiles (thread-safe: pread + stateless decoders)."""
+    """Direct decoding of one slide's stored tiles (thread-safe: pread + stateless decoders).
+
+    When patches are shrunk by an integer factor ``f`` and every patch starts on an ``f``-block
+    that never straddles a stored tile, each decoded tile is area-reduced once in the cache and
+    patches are cut from reduced tiles (``self.f > 1``): the same pixels as cutting then reducing
+    each patch, with 1/f² of the copying and no per-patch resize.
+    """
 
     mode = "direct"
 
@@ -211,15 +204,40 @@ class _DirectSource:
         self.tiles = tiles
         self.spec = spec
         self.lv = tiles.levels[spec.level]
+        self.f = 1
 
-    def new_cache(self, xy: np.ndarray) -> TileCache:
-        lv = self.lv
+    def prepare(self, xy: np.ndarray) -> TileCache:
+        """Choose the working resolution for these patches and make their tile cache."""
+        lv, spec = self.lv, self.spec
+        f = spec.size_read // spec.patch_size
+        aligned = (
+            spec.needs_resize
+            and f > 1
+            and f * spec.patch_size == spec.size_read
+            and lv.tile_width % f == 0
+            and lv.tile_height % f == 0
+            and bool(np.all(xy % f == 0))
+        )
+        self.f = f if aligned else 1
 
         def decode(key: int) -> np.ndarray | None:
             ty, tx = divmod(key, lv.tiles_across)
-            return self.tiles.decode(self.spec.level, tx, ty)
+            tile = self.tiles.decode(spec.level, tx, ty)
+            if tile is None or self.f == 1:
+                return tile
+            ex, ey = lv.width - tx * lv.tile_width, lv.height - ty * lv.tile_height
+            if ex < lv.tile_width or ey < lv.tile_height:  # past the level's edge: white
+                tile = tile.copy()
+                tile[max(ey, 0) :, :] = 255
+                tile[:, max(ex, 0) :] = 255
+            return box_reduce(tile, self.f)
 
-        return TileCache(decode, tile_refcounts(xy, self.spec.size_read, lv))
+        return TileCache(decode, tile_refcounts(xy, spec.size_read, lv))
+
+    @property
+    def out_size(self) -> int:
+        """Side of what ``read_patch`` cuts: the read size, or the patch size when reduced."""
+        return self.spec.size_read // self.f
 
     def _tile_region(self, tx: int, ty: int) -> tuple[int, int, int, int]:
         ds, lv = self.spec.downsample, self.lv
@@ -231,12 +249,15 @@ class _DirectSource:
         )
 
     def read_patch(self, x: int, y: int, out: np.ndarray, cache: TileCache) -> CorruptTileError | None:
-        """Cut the patch at read-level (x, y) into ``out`` (size_read², 3); returns the error of a
-        corrupt tile it touches (``out`` is then garbage) or None."""
-        lv, s = self.lv, self.spec.size_read
-        tw, th = lv.tile_width, lv.tile_height
+        """Cut the patch at read-level (x, y) into ``out`` (``out_size``², 3); returns the error of
+        a corrupt tile it touches (``out`` is then garbage) or None."""
+        lv, f = self.lv, self.f
+        s = self.out_size
+        tw, th = lv.tile_width // f, lv.tile_height // f
+        width, height = -(-lv.width // f), -(-lv.height // f)
+        x, y = x // f, y // f
         x0, y0 = max(x, 0), max(y, 0)
-        x1, y1 = min(x + s, lv.width), min(y + s, lv.height)
+        x1, y1 = min(x + s, width), min(y + s, height)
         if (x0, y0, x1, y1) != (x, y, x + s, y + s):
             out[...] = 255  # outside the level: white, as Slide.read_region
         if x1 <= x0 or y1 <= y0:
@@ -338,20 +359,27 @@ class _RegionSource:
 # ---------------------------------------------------------------------------------------------
 
 
+# OpenSlide formats whose levels are plain TIFF pages on a regular tile grid (others, e.g. Ventana
+# BIF with overlapping tiles or Leica SCN collections, are read through the backend). tiffslide
+# itself decodes pages with tifffile, so any slide it opens qualifies.
+DIRECT_OPENSLIDE_VENDORS = frozenset({"aperio", "generic-tiff"})
+
+
 def _open_source(spec: ReadSpec, slide: Slide | None) -> _DirectSource | _RegionSource:
     if spec.direct:
         if slide is not None:
-            dims = slide.level_dimensions
+            dims, backend, vendor = slide.level_dimensions, slide.backend, slide.vendor
         else:
             from wsi.slide import open_slide
 
             with open_slide(spec.path, backend=spec.backend, mpp=spec.mpp, require_mpp=False) as s:  # type: ignore[arg-type]
-                dims = s.level_dimensions
-        tiles = TiffTileSource.open(spec.path, dims)
-        if tiles is not None:
-            if spec.level in tiles.levels:
-                return _DirectSource(tiles, spec)
-            tiles.close()
+                dims, backend, vendor = s.level_dimensions, s.backend, s.vendor
+        if backend == "tiffslide" or vendor in DIRECT_OPENSLIDE_VENDORS:
+            tiles = TiffTileSource.open(spec.path, dims)
+            if tiles is not None:
+                if spec.level in tiles.levels:
+                    return _DirectSource(tiles, spec)
+                tiles.close()
     logger.debug("%s: reading level %d through the slide backend", spec.path, spec.level)
     return _RegionSource(spec, slide)
 
@@ -380,6 +408,8 @@ def _read_batch(
 
     if isinstance(source, _DirectSource):
         assert cache is not None
+        if source.out_size == p:
+            scratch = None
         for j in range(n):
             buf = images[j] if scratch is None else scratch
             err = source.read_patch(int(xy[j, 0]), int(xy[j, 1]), buf, cache)
@@ -464,7 +494,7 @@ class PatchReader:
         coords = np.asarray(self.grid.coords, np.int64).reshape(-1, 2)
         xy = self.spec.read_positions(coords)
         source = _open_source(self.spec, self._slide)
-        cache = source.new_cache(xy) if isinstance(source, _DirectSource) else None
+        cache = source.prepare(xy) if isinstance(source, _DirectSource) else None
         self.stats = {"mode": source.mode, "tiles_decoded": 0, "peak_cached_tiles": 0, "peak_inflight": 0}
         starts = iter(range(0, n, self.batch_size))
 
@@ -576,7 +606,7 @@ atexit.register(_SOURCES.clear)
 def _read_chunk(spec: ReadSpec, coords: np.ndarray, start: int) -> np.ndarray:
     with _SOURCES.use(spec) as source:
         xy = spec.read_positions(coords)
-        cache = source.new_cache(xy) if isinstance(source, _DirectSource) else None
+        cache = source.prepare(xy) if isinstance(source, _DirectSource) else None
         idx = np.arange(start, start + len(coords), dtype=np.int64)
         batch, _ = _read_batch(source, xy, idx, coords, cache, False)
     return batch.images

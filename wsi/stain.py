@@ -267,7 +267,7 @@ class MacenkoNormalizer(StainNormalizer):
         n = flat.shape[0]
         he, max_c, pinv = np.empty((3, 2)), np.empty(2), np.empty((2, 3))
         ok, _ = K.macenko_estimate(
-            flat, self._od, self.alpha, self.beta, he, max_c, pinv, np.empty(n), np.empty(n)
+            flat, self._od, self.alpha, self.beta, he, max_c, pinv, *(np.empty(n) for _ in range(4))
         )
         if not ok:
             raise StainError(
@@ -380,14 +380,12 @@ class ReinhardNormalizer(StainNormalizer):
         super().__init__(io=io, beta=beta, min_tissue=min_tissue)
         self.target_means: np.ndarray | None = None
         self.target_stds: np.ndarray | None = None
-        self._lin = K.srgb_linear_lut()
-        self._thr = K.srgb_thresholds()
 
     def fit(self, rgb: np.ndarray) -> ReinhardNormalizer:
         px = _as_pixels(rgb, "reference image")
         self._check_reference(px)
         mean, std = np.empty(3), np.empty(3)
-        K.lab_stats(px.reshape(-1, 3), self._lin, mean, std)
+        K.lab_stats(px.reshape(-1, 3), self._od, self.beta, mean, std)
         self.target_means, self.target_stds = mean, std
         super().fit(rgb)
         return self
@@ -406,8 +404,6 @@ class ReinhardNormalizer(StainNormalizer):
         status = K.reinhard_batch(
             x,
             self._od,
-            self._lin,
-            self._thr,
             self.beta,
             self.min_tissue,
             self.target_means,
@@ -427,7 +423,7 @@ class ReinhardNormalizer(StainNormalizer):
         idx = x.reshape(n, h * w, 3).long()
         od = torch.as_tensor(self._od, dtype=dtype, device=dev)[idx]
         keep = _torch_stain_like(od, self.beta) >= max(self.min_tissue * h * w, 3.0)
-        lab = _torch_rgb_to_lab(torch.as_tensor(self._lin, dtype=dtype, device=dev)[idx])
+        lab = _torch_rgb_to_lab(torch.as_tensor(K.srgb_linear_lut(), dtype=dtype, device=dev)[idx])
         mean = lab.mean(dim=1)
         std = lab.std(dim=1, correction=0)
         keep &= (std > 1e-6).all(dim=1)
@@ -440,7 +436,7 @@ class ReinhardNormalizer(StainNormalizer):
         xyz = torch.where(f > 0.2068966, f**3, (f - 16.0 / 116.0) / 7.787)
         xyz = xyz * torch.as_tensor(K.WHITE, dtype=dtype, device=dev)
         lin = xyz @ torch.as_tensor(K.XYZ2RGB, dtype=dtype, device=dev).T
-        thr = torch.as_tensor(self._thr, dtype=dtype, device=dev)
+        thr = torch.as_tensor(K.srgb_thresholds(), dtype=dtype, device=dev)
         out = torch.bucketize(lin, thr, right=True).to(torch.uint8).reshape(n, h, w, 3)
         self._count((~keep).cpu().numpy())
         return torch.where(keep[:, None, None, None], out, x)
@@ -510,9 +506,8 @@ class VahadaneNormalizer(StainNormalizer):
         d = self._dictionary(px)
         flat = px.reshape(-1, 3)
         max_c = np.empty(2)
-        K.vahadane_max_conc(
-            flat, self._od255, d, self.lambda_conc, np.empty(len(flat)), np.empty(len(flat)), max_c
-        )
+        work = np.empty((3, len(flat)))
+        K.vahadane_max_conc(flat, self._od255, d, self.lambda_conc, work[0], work[1], max_c, work[2])
         if not (max_c > 1e-6).all():
             raise StainError(
                 "reference image: one stain is absent in the Vahadane fit. Fix: use a reference "

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import njit, prange
+from numba import get_num_threads, get_thread_id, njit, prange
 
 OK = 0
 PASSTHROUGH = 1
@@ -291,13 +291,13 @@ def _not_pen(o0, o1, o2):
 
 
 @njit(cache=True, nogil=True)
-def macenko_estimate(px, lut, alpha, beta, he, max_c, pinv, s_a, s_b):
+def macenko_estimate(px, lut, alpha, beta, he, max_c, pinv, s_a, s_b, v0, v1):
     """Stain matrix ``he`` (3x2, H then E), its pseudo-inverse ``pinv`` (2x3) and the
     99th-percentile concentrations ``max_c`` of one image ``px`` (P, 3), as torchstain's numpy
-    Macenko. ``s_a``, ``s_b`` are scratch arrays of length >= P.
+    Macenko. ``s_a``, ``s_b``, ``v0``, ``v1`` are scratch arrays of length >= P.
 
-    Five linear passes: tissue moments; angle histogram; angle candidates; concentration
-    histograms; concentration candidates. Percentiles are exact (numpy's linear method): the
+    Passes over the pixels: tissue moments; angles and their histogram; concentrations and
+    their histograms; then only over the stored values, the candidates near each percentile. Percentiles are exact (numpy's linear method): the
     histograms only narrow down where the order statistics are. Returns ``(ok, n_stain_like)``.
     """
     npx = px.shape[0]
@@ -352,12 +352,15 @@ def macenko_estimate(px, lut, alpha, beta, he, max_c, pinv, s_a, s_b):
     # atan2; only the selected ones are converted back)
     scale = _NBINS / 4.0
     counts = np.zeros(_NBINS, np.int64)
+    k = 0
     for p in range(npx):
         o0 = lut[px[p, 0]]
         o1 = lut[px[p, 1]]
         o2 = lut[px[p, 2]]
         if o0 >= beta and o1 >= beta and o2 >= beta:
             v = _pseudo_angle(o0 * e20 + o1 * e21 + o2 * e22, o0 * e10 + o1 * e11 + o2 * e12)
+            v0[k] = v
+            k += 1
             counts[_bin(v, -2.0, scale)] += 1
     ra, ra2, ga = _quantile_index(nt, alpha)
     rb, rb2, gb = _quantile_index(nt, 100.0 - alpha)
@@ -365,19 +368,15 @@ def macenko_estimate(px, lut, alpha, beta, he, max_c, pinv, s_a, s_b):
     lb, hb, before_b = _rank_bins(counts, rb, rb2)
     ma = 0
     mb = 0
-    for p in range(npx):
-        o0 = lut[px[p, 0]]
-        o1 = lut[px[p, 1]]
-        o2 = lut[px[p, 2]]
-        if o0 >= beta and o1 >= beta and o2 >= beta:
-            v = _pseudo_angle(o0 * e20 + o1 * e21 + o2 * e22, o0 * e10 + o1 * e11 + o2 * e12)
-            b = _bin(v, -2.0, scale)
-            if b >= la and b <= ha:
-                s_a[ma] = v
-                ma += 1
-            if b >= lb and b <= hb:
-                s_b[mb] = v
-                mb += 1
+    for p in range(nt):
+        v = v0[p]
+        b = _bin(v, -2.0, scale)
+        if b >= la and b <= ha:
+            s_a[ma] = v
+            ma += 1
+        if b >= lb and b <= hb:
+            s_b[mb] = v
+            mb += 1
     lo, hi = _pick(s_a, ma, ra - before_a, ra2 > ra)
     min_phi = _lerp(_angle_of_pseudo(lo), _angle_of_pseudo(hi), ga)
     lo, hi = _pick(s_b, mb, rb - before_b, rb2 > rb)
@@ -433,26 +432,27 @@ def macenko_estimate(px, lut, alpha, beta, he, max_c, pinv, s_a, s_b):
         o0 = lut[px[p, 0]]
         o1 = lut[px[p, 1]]
         o2 = lut[px[p, 2]]
-        counts[_bin(p00 * o0 + p01 * o1 + p02 * o2, lo0, sc0)] += 1
-        counts1[_bin(p10 * o0 + p11 * o1 + p12 * o2, lo1, sc1)] += 1
+        x = p00 * o0 + p01 * o1 + p02 * o2
+        y = p10 * o0 + p11 * o1 + p12 * o2
+        v0[p] = x
+        v1[p] = y
+        counts[_bin(x, lo0, sc0)] += 1
+        counts1[_bin(y, lo1, sc1)] += 1
     r, r2, g = _quantile_index(npx, 99.0)
     la, ha, before_a = _rank_bins(counts, r, r2)
     lb, hb, before_b = _rank_bins(counts1, r, r2)
     ma = 0
     mb = 0
     for p in range(npx):
-        o0 = lut[px[p, 0]]
-        o1 = lut[px[p, 1]]
-        o2 = lut[px[p, 2]]
-        v = p00 * o0 + p01 * o1 + p02 * o2
-        b = _bin(v, lo0, sc0)
+        x = v0[p]
+        b = _bin(x, lo0, sc0)
         if b >= la and b <= ha:
-            s_a[ma] = v
+            s_a[ma] = x
             ma += 1
-        v = p10 * o0 + p11 * o1 + p12 * o2
-        b = _bin(v, lo1, sc1)
+        y = v1[p]
+        b = _bin(y, lo1, sc1)
         if b >= lb and b <= hb:
-            s_b[mb] = v
+            s_b[mb] = y
             mb += 1
     lo, hi = _pick(s_a, ma, r - before_a, r2 > r)
     max_c[0] = _lerp(lo, hi, g)
@@ -463,10 +463,10 @@ def macenko_estimate(px, lut, alpha, beta, he, max_c, pinv, s_a, s_b):
 
 
 @njit(cache=True, nogil=True)
-def _macenko_patch(px, dst, lut, io, alpha, beta, he_ref, max_c_ref, min_tissue, he, maxc):
+def _macenko_patch(px, dst, lut, io, alpha, beta, he_ref, max_c_ref, min_tissue, he, maxc, work):
     npx = px.shape[0]
     pinv = np.empty((2, 3))
-    ok, ns = macenko_estimate(px, lut, alpha, beta, he, maxc, pinv, np.empty(npx), np.empty(npx))
+    ok, ns = macenko_estimate(px, lut, alpha, beta, he, maxc, pinv, work[0], work[1], work[2], work[3])
     if not ok or ns < max(min_tissue * npx, 3.0):
         dst[:, :] = px
         return PASSTHROUGH
@@ -498,6 +498,7 @@ def macenko_batch(batch, lut, io, alpha, beta, he_ref, max_c_ref, min_tissue, ou
     n = batch.shape[0]
     npx = batch.shape[1] * batch.shape[2]
     status = np.zeros(n, np.int8)
+    work = np.empty((get_num_threads(), 4, npx))  # per-thread scratch, allocated once
     for i in prange(n):
         status[i] = _macenko_patch(
             batch[i].reshape((npx, 3)),
@@ -511,6 +512,7 @@ def macenko_batch(batch, lut, io, alpha, beta, he_ref, max_c_ref, min_tissue, ou
             min_tissue,
             he_out[i],
             maxc_out[i],
+            work[get_thread_id()],
         )
     return status
 
@@ -519,118 +521,177 @@ def macenko_batch(batch, lut, io, alpha, beta, he_ref, max_c_ref, min_tissue, ou
 # Reinhard (LAB, torchstain conventions: L in 0..100, a/b centred on 0)
 
 
-@njit(cache=True, nogil=True)
-def _lab_f(t):
-    if t > 0.008856:
-        return np.cbrt(t)
-    return 7.787 * t + 16.0 / 116.0
+# Reinhard kernels are written as gather passes (table lookups, scalar) and arithmetic-only
+# passes over planes that LLVM vectorises (no branches, no calls: cube roots by a rational
+# guess plus Halley steps, the sRGB gamma as cbrt(sqrt(sqrt(v)))**5).
+_FAST = {"fastmath": True, "error_model": "numpy", "cache": True, "nogil": True}
+_CBRT_P = (0.15753486, 10.09674091, 20.09032233)
+_CBRT_Q = (18.22932308, 11.12684905)
+
+
+@njit(inline="always", **_FAST)
+def _halley_cbrt(y, t):
+    y3 = y * y * y
+    return y * (y3 + 2.0 * t) / (2.0 * y3 + t)
+
+
+@njit(inline="always", **_FAST)
+def _lab_f_v(t):
+    """LAB f(t); the cube root branch is exact to ~1e-14 for t in (0.008856, 1.07]."""
+    tc = min(max(t, 0.008856), 1.07)
+    y = (_CBRT_P[0] + tc * (_CBRT_P[1] + tc * _CBRT_P[2])) / (1.0 + tc * (_CBRT_Q[0] + tc * _CBRT_Q[1]))
+    y = _halley_cbrt(_halley_cbrt(y, tc), tc)
+    return y if t > 0.008856 else 7.787 * t + 16.0 / 116.0
+
+
+@njit(inline="always", **_FAST)
+def _finv_v(t):
+    return t * t * t if t > 0.2068966 else (t - 16.0 / 116.0) * (1.0 / 7.787)
+
+
+@njit(inline="always", **_FAST)
+def _srgb8_v(v):
+    """``uint8(255 * clip(sRGB gamma(v), 0, 1))`` as torchstain (truncation)."""
+    vc = min(max(v, 0.0031308), 1.0)
+    u = math.sqrt(math.sqrt(vc))  # v**(1/2.4) = cbrt(v**0.25)**5
+    y = 0.55 + 0.45 * u
+    y = _halley_cbrt(_halley_cbrt(_halley_cbrt(y, u), u), u)
+    y2 = y * y
+    g = 1.055 * (y2 * y2 * y) - 0.055 if v > 0.0031308 else 12.92 * v
+    g = 1.0 if v >= 1.0 else min(max(g, 0.0), 1.0)
+    return np.uint8(g * 255.0)
+
+
+def _xyz_luts() -> np.ndarray:
+    """(3, 3, 256): XYZ/white contribution of channel c's 8-bit value to component k."""
+    lin = srgb_linear_lut()
+    return (RGB2XYZ / WHITE[:, None])[:, :, None] * lin[None, None, :]
+
+
+_XYZ_LUT = _xyz_luts()
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _xyz_planes(px, od, beta, tx, ty, tz):
+    """Gather pass: XYZ / white of every pixel; returns the stain-like pixel count."""
+    ns = 0
+    for p in range(px.shape[0]):
+        r = px[p, 0]
+        g = px[p, 1]
+        b = px[p, 2]
+        if _is_stain_like(od[r], od[g], od[b], beta):
+            ns += 1
+        tx[p] = _XYZ_LUT[0, 0, r] + _XYZ_LUT[0, 1, g] + _XYZ_LUT[0, 2, b]
+        ty[p] = _XYZ_LUT[1, 0, r] + _XYZ_LUT[1, 1, g] + _XYZ_LUT[1, 2, b]
+        tz[p] = _XYZ_LUT[2, 0, r] + _XYZ_LUT[2, 1, g] + _XYZ_LUT[2, 2, b]
+    return ns
+
+
+@njit(**_FAST)
+def _lab_from_xyz(tx, ty, tz):
+    """In place: (tx, ty, tz) -> (L, a, b) planes (vectorised)."""
+    for p in range(tx.shape[0]):
+        fx = _lab_f_v(tx[p])
+        fy = _lab_f_v(ty[p])
+        fz = _lab_f_v(tz[p])
+        tx[p] = 116.0 * fy - 16.0
+        ty[p] = 500.0 * (fx - fy)
+        tz[p] = 200.0 * (fy - fz)
+
+
+@njit(**_FAST)
+def _mean_std(v):
+    n = v.shape[0]
+    s = 0.0
+    for p in range(n):
+        s += v[p]
+    m = s / n
+    q = 0.0
+    for p in range(n):
+        d = v[p] - m
+        q += d * d
+    return m, math.sqrt(q / n)
+
+
+@njit(**_FAST)
+def _lab_to_rgb8(ll, aa, bb, mean, s, mean_t, r8, g8, b8):
+    """Standardise the LAB planes to the target statistics and convert to 8-bit sRGB planes."""
+    for p in range(ll.shape[0]):
+        lv = (ll[p] - mean[0]) * s[0] + mean_t[0]
+        av = (aa[p] - mean[1]) * s[1] + mean_t[1]
+        bv = (bb[p] - mean[2]) * s[2] + mean_t[2]
+        fy = (lv + 16.0) * (1.0 / 116.0)
+        x = _finv_v(av * (1.0 / 500.0) + fy) * WHITE[0]
+        y = _finv_v(fy)
+        z = _finv_v(fy - bv * (1.0 / 200.0)) * WHITE[2]
+        r8[p] = _srgb8_v(XYZ2RGB[0, 0] * x + XYZ2RGB[0, 1] * y + XYZ2RGB[0, 2] * z)
+        g8[p] = _srgb8_v(XYZ2RGB[1, 0] * x + XYZ2RGB[1, 1] * y + XYZ2RGB[1, 2] * z)
+        b8[p] = _srgb8_v(XYZ2RGB[2, 0] * x + XYZ2RGB[2, 1] * y + XYZ2RGB[2, 2] * z)
 
 
 @njit(cache=True, nogil=True)
-def _lab_finv(t):
-    if t > 0.2068966:
-        return t * t * t
-    return (t - 16.0 / 116.0) / 7.787
+def _lab_moments(px, od, beta, mean, std, tx, ty, tz):
+    ns = _xyz_planes(px, od, beta, tx, ty, tz)
+    _lab_from_xyz(tx, ty, tz)
+    mean[0], std[0] = _mean_std(tx)
+    mean[1], std[1] = _mean_std(ty)
+    mean[2], std[2] = _mean_std(tz)
+    return ns
 
 
 @njit(cache=True, nogil=True)
-def _rgb_to_lab(r, g, b, lin, lab):
-    x = lin[r]
-    y = lin[g]
-    z = lin[b]
-    fx = _lab_f((RGB2XYZ[0, 0] * x + RGB2XYZ[0, 1] * y + RGB2XYZ[0, 2] * z) / WHITE[0])
-    fy = _lab_f((RGB2XYZ[1, 0] * x + RGB2XYZ[1, 1] * y + RGB2XYZ[1, 2] * z) / WHITE[1])
-    fz = _lab_f((RGB2XYZ[2, 0] * x + RGB2XYZ[2, 1] * y + RGB2XYZ[2, 2] * z) / WHITE[2])
-    lab[0] = 116.0 * fy - 16.0
-    lab[1] = 500.0 * (fx - fy)
-    lab[2] = 200.0 * (fy - fz)
-
-
-@njit(cache=True, nogil=True)
-def _to_srgb8(v, thresholds):
-    """Truncated 8-bit sRGB of a linear value (binary search in the 255 thresholds)."""
-    lo = 0
-    hi = 255
-    while lo < hi:
-        mid = (lo + hi) >> 1
-        if thresholds[mid] <= v:
-            lo = mid + 1
-        else:
-            hi = mid
-    return lo
-
-
-@njit(cache=True, nogil=True)
-def lab_stats(px, lin, mean, std):
+def lab_stats(px, od, beta, mean, std):
     """Mean and population std of L, a, b over all pixels of ``px`` (P, 3)."""
-    npx = px.shape[0]
-    lab = np.empty(3)
-    s = np.zeros(3)
-    ss = np.zeros(3)
-    for p in range(npx):
-        _rgb_to_lab(px[p, 0], px[p, 1], px[p, 2], lin, lab)
-        for c in range(3):
-            s[c] += lab[c]
-    for c in range(3):
-        mean[c] = s[c] / npx
-    for p in range(npx):
-        _rgb_to_lab(px[p, 0], px[p, 1], px[p, 2], lin, lab)
-        for c in range(3):
-            d = lab[c] - mean[c]
-            ss[c] += d * d
-    for c in range(3):
-        std[c] = math.sqrt(ss[c] / npx)
+    n = px.shape[0]
+    _lab_moments(px, od, beta, mean, std, np.empty(n), np.empty(n), np.empty(n))
 
 
 @njit(cache=True, nogil=True)
-def _reinhard_patch(px, dst, od, lin, thresholds, beta, min_tissue, mean_t, std_t, mean, std):
+def _reinhard_patch(px, dst, od, beta, min_tissue, mean_t, std_t, mean, std, work, planes):
     npx = px.shape[0]
-    ok = _stain_like_count(px, od, beta) >= max(min_tissue * npx, 3.0)
-    if ok:
-        lab_stats(px, lin, mean, std)
-        ok = std[0] > 1e-6 and std[1] > 1e-6 and std[2] > 1e-6
+    ll = work[0]
+    aa = work[1]
+    bb = work[2]
+    ns = _lab_moments(px, od, beta, mean, std, ll, aa, bb)
+    ok = ns >= max(min_tissue * npx, 3.0)
+    ok = ok and std[0] > 1e-6 and std[1] > 1e-6 and std[2] > 1e-6
     if not ok:
         dst[:, :] = px
         return PASSTHROUGH
-    s0 = std_t[0] / std[0]
-    s1 = std_t[1] / std[1]
-    s2 = std_t[2] / std[2]
-    lab = np.empty(3)
+    s = np.empty(3)
+    for c in range(3):
+        s[c] = std_t[c] / std[c]
+    _lab_to_rgb8(ll, aa, bb, mean, s, mean_t, planes[0], planes[1], planes[2])
     for p in range(npx):
-        _rgb_to_lab(px[p, 0], px[p, 1], px[p, 2], lin, lab)
-        ll = (lab[0] - mean[0]) * s0 + mean_t[0]
-        aa = (lab[1] - mean[1]) * s1 + mean_t[1]
-        bb = (lab[2] - mean[2]) * s2 + mean_t[2]
-        fy = (ll + 16.0) / 116.0
-        x = _lab_finv(aa / 500.0 + fy) * WHITE[0]
-        y = _lab_finv(fy) * WHITE[1]
-        z = _lab_finv(fy - bb / 200.0) * WHITE[2]
-        for c in range(3):
-            v = XYZ2RGB[c, 0] * x + XYZ2RGB[c, 1] * y + XYZ2RGB[c, 2] * z
-            dst[p, c] = np.uint8(_to_srgb8(v, thresholds))
+        dst[p, 0] = planes[0, p]
+        dst[p, 1] = planes[1, p]
+        dst[p, 2] = planes[2, p]
     return OK
 
 
 @njit(parallel=True, cache=True)
-def reinhard_batch(batch, od, lin, thresholds, beta, min_tissue, mean_t, std_t, out, stats_out):
+def reinhard_batch(batch, od, beta, min_tissue, mean_t, std_t, out, stats_out):
     """Reinhard colour transfer of every patch to the target LAB mean/std; per-patch source
     statistics to ``stats_out`` (N, 2, 3). Returns status (N,)."""
     n = batch.shape[0]
     npx = batch.shape[1] * batch.shape[2]
     status = np.zeros(n, np.int8)
+    work = np.empty((get_num_threads(), 3, npx))  # per-thread scratch, allocated once
+    planes = np.empty((get_num_threads(), 3, npx), np.uint8)
     for i in prange(n):
+        tid = get_thread_id()
         status[i] = _reinhard_patch(
             batch[i].reshape((npx, 3)),
             out[i].reshape((npx, 3)),
             od,
-            lin,
-            thresholds,
             beta,
             min_tissue,
             mean_t,
             std_t,
             stats_out[i, 0],
             stats_out[i, 1],
+            work[tid],
+            planes[tid],
         )
     return status
 
@@ -720,7 +781,7 @@ def vahadane_dictionary(x, d, lam, n_iter):
 
 
 @njit(cache=True, nogil=True)
-def vahadane_max_conc(px, lut, d, lam, c0, c1, max_c):
+def vahadane_max_conc(px, lut, d, lam, c0, c1, max_c, scratch):
     """99th percentile of each stain's concentrations over all pixels of ``px`` (P, 3)."""
     npx = px.shape[0]
     g00, g01, g11 = _gram(d)
@@ -733,17 +794,18 @@ def vahadane_max_conc(px, lut, d, lam, c0, c1, max_c):
         c1[p] = a[1]
         hi0 = max(hi0, a[0])
         hi1 = max(hi1, a[1])
-    scratch = np.empty(npx)
     max_c[0] = percentile_fast(c0, npx, 99.0, 0.0, hi0, scratch)
     max_c[1] = percentile_fast(c1, npx, 99.0, 0.0, hi1, scratch)
 
 
 @njit(cache=True, nogil=True)
-def _vahadane_patch(px, dst, od240, od255, beta, min_tissue, d_src, d_tgt, max_c_tgt, lam, maxc):
+def _vahadane_patch(
+    px, dst, od240, od255, beta, min_tissue, d_src, d_tgt, max_c_tgt, lam, maxc, work
+):
     npx = px.shape[0]
     ok = _stain_like_count(px, od240, beta) >= max(min_tissue * npx, 3.0)
     if ok:
-        vahadane_max_conc(px, od255, d_src, lam, np.empty(npx), np.empty(npx), maxc)
+        vahadane_max_conc(px, od255, d_src, lam, work[0], work[1], maxc, work[2])
         ok = maxc[0] > 1e-6 and maxc[1] > 1e-6
     if not ok:
         dst[:, :] = px
@@ -770,6 +832,7 @@ def vahadane_batch(
     n = batch.shape[0]
     npx = batch.shape[1] * batch.shape[2]
     status = np.zeros(n, np.int8)
+    work = np.empty((get_num_threads(), 3, npx))  # per-thread scratch, allocated once
     for i in prange(n):
         status[i] = _vahadane_patch(
             batch[i].reshape((npx, 3)),
@@ -783,6 +846,7 @@ def vahadane_batch(
             max_c_tgt,
             lam,
             maxc_out[i],
+            work[get_thread_id()],
         )
     return status
 

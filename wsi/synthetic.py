@@ -87,12 +87,11 @@ def render_tissue(
 
     mask = resize(mask16.astype(np.float32), (height, width), order=1) > 0.5
     # Stain concentrations: eosin everywhere in tissue, with texture; hematoxylin from nuclei.
-    eos = (0.35 + 0.08 * resize(_smooth_noise(rng, (mh, mw), 3), (height, width), order=1)) * mask
+    eos_small = 0.35 + 0.08 * _smooth_noise(rng, (mh, mw), 3)
+    eos = resize(eos_small.astype(np.float32), (height, width), order=1).astype(np.float32)
     nuc = np.zeros((height, width), np.float32)
     n_nuclei = int(nuclei_per_mpx * width * height / 1e6)
-    ys = rng.integers(0, height, n_nuclei)
-    xs = rng.integers(0, width, n_nuclei)
-    nuc[ys, xs] = 1.0
+    nuc[rng.integers(0, height, n_nuclei), rng.integers(0, width, n_nuclei)] = 1.0
     for les in lesions:  # dense, large, dark nuclei in the lesions
         k = int(12 * nuclei_per_mpx * np.pi * les.radius**2 / 1e6)
         r = les.radius * np.sqrt(rng.random(k))
@@ -100,14 +99,15 @@ def render_tissue(
         ly = np.clip((les.y + r * np.sin(t)).astype(int), 0, height - 1)
         lx = np.clip((les.x + r * np.cos(t)).astype(int), 0, width - 1)
         nuc[ly, lx] = 1.6
-    hema = ndimage.gaussian_filter(nuc, 2.2) * 60.0
-    hema = np.minimum(hema, 1.4) * mask
-    od = hema[..., None] * HEMATOXYLIN + eos[..., None] * EOSIN
-    od += 0.02 * rng.standard_normal((height, width, 1)) * mask[..., None]
-    rgb = 240.0 * np.exp(-np.clip(od, 0, None))
-    glass = 236.0 + 3.0 * rng.standard_normal((height, width, 1))
-    rgb = np.where(mask[..., None], rgb, glass)
-    return np.clip(rgb, 0, 255).astype(np.uint8), lesions, mask16
+    hema = np.minimum(ndimage.gaussian_filter(nuc, 2.2) * np.float32(60.0), np.float32(1.4))
+    grain = rng.standard_normal((height, width), dtype=np.float32) * np.float32(0.02)
+    rgb = np.empty((height, width, 3), np.uint8)
+    for c in range(3):
+        od = hema * np.float32(HEMATOXYLIN[c]) + eos * np.float32(EOSIN[c]) + grain
+        chan = np.float32(240.0) * np.exp(-np.maximum(od, 0))
+        chan = np.where(mask, chan, np.float32(236.0) + grain * np.float32(150.0))
+        rgb[..., c] = np.clip(chan, 0, 255)
+    return rgb, lesions, mask16
 
 
 def write_pyramid_tiff(

@@ -41,7 +41,9 @@ class TiffLevel:
     offsets: np.ndarray  # (n_tiles,) int64, row-major
     bytecounts: np.ndarray  # (n_tiles,) int64
     compression: int
-    page: Any  # tifffile.TiffPage (for its decode function)
+    jpegtables: bytes | None
+    colorspaces: tuple[int | None, int]  # JPEG (colorspace, outcolorspace) for imagecodecs
+    decoder: Any  # tifffile's decode function of the page (non-JPEG codecs)
 
 
 def _jpeg_colorspaces(page: Any) -> tuple[int | None, int]:
@@ -116,7 +118,10 @@ class TiffTileSource:
                 offsets=np.asarray(page.dataoffsets, np.int64),
                 bytecounts=np.asarray(page.databytecounts, np.int64),
                 compression=int(page.compression),
-                page=page,
+                jpegtables=page.jpegtables,
+                # resolved here, in one thread: is_jfif reads the file through tifffile's handle
+                colorspaces=_jpeg_colorspaces(page) if page.compression == JPEG else (None, _RGB),
+                decoder=page.decode,
             )
         if 0 not in levels:
             tif.close()
@@ -142,13 +147,12 @@ class TiffTileSource:
         import imagecodecs
 
         lv = self.levels[level]
-        page = lv.page
         try:
             if lv.compression == JPEG:
-                cs, out_cs = _jpeg_colorspaces(page)
-                tile = imagecodecs.jpeg8_decode(data, tables=page.jpegtables, colorspace=cs, outcolorspace=out_cs)
+                cs, out_cs = lv.colorspaces
+                tile = imagecodecs.jpeg8_decode(data, tables=lv.jpegtables, colorspace=cs, outcolorspace=out_cs)
             else:
-                tile, _, _ = page.decode(data, index, jpegtables=page.jpegtables)
+                tile, _, _ = lv.decoder(data, index, jpegtables=lv.jpegtables)
                 tile = tile.reshape(tile.shape[-3:])
         except Exception as err:
             raise TileDecodeError(f"{type(err).__name__}: {err}") from err

@@ -42,6 +42,7 @@ __all__ = ["TissueMask", "detect_tissue", "tissue_features", "pen_ink_mask"]
 _BLOCK_UM = 512.0  # side of a background-estimation block, µm
 _BLOCK_PX = (16, 96)  # ... clamped to this many thumbnail pixels
 _OPEN_UM, _CLOSE_UM, _INK_DILATE_UM = 8.0, 24.0, 16.0
+_BLACK_SMOOTH_UM = 8.0  # black ink is judged on the mean colour over about this radius
 _RADIUS_PX_MAX = 8  # morphology radii are capped in pixels (fine thumbnails of tiny slides)
 _SAT_CLAMP = (0.05, 0.15)  # Otsu on saturation is clamped to this range
 _OD_MIN = 0.06  # minimum optical density (sum of the three channels, log10) of tissue
@@ -49,8 +50,10 @@ _MIN_INK_AREA_MM2 = 0.002  # smaller "ink" blobs are dark nuclei or noise, not p
 _MIN_INK_PX = 9
 
 # pixel classes written by the feature kernel
-_INK_GREEN_BLUE, _INK_RED, _INK_BLACK, _INK_WEAK = 1, 2, 4, 8
+# strong classes are bits 0-2; the same colour family's faint ink is the bit three places up
+_INK_GREEN_BLUE, _INK_RED, _INK_BLACK = 1, 2, 4
 _INK_STRONG = _INK_GREEN_BLUE | _INK_RED | _INK_BLACK
+_WEAK_SHIFT = 3
 
 
 # ============================== Numba kernels ==================================================
@@ -200,73 +203,132 @@ def _fill_blocks(bg: np.ndarray, valid: np.ndarray, white: np.ndarray) -> np.nda
     return smooth
 
 
-@njit(cache=True, nogil=True, inline="always")
-def _rel(v, bg, c, y0, y1, x0, x1, wy, wx, floor):
-    g = (1 - wy) * ((1 - wx) * bg[y0, x0, c] + wx * bg[y0, x1, c]) + wy * (
-        (1 - wx) * bg[y1, x0, c] + wx * bg[y1, x1, c]
-    )
-    return min(max((v + 0.5) / max(g, 1.0), floor), 1.0)
+_OD_LUT_N = 1024
+
+
+@njit(cache=True, nogil=True)
+def _ink_class(r: float, g: float, b: float, rs: float, gs: float, bs: float) -> int:
+    """Pen-ink class of a white-balanced colour ``(r, g, b)`` whose local mean is ``(rs, gs, bs)``."""
+    mx = max(r, g, b)
+    chroma = mx - min(r, g, b)
+    s = chroma / mx if mx > 0 else 0.0
+    cls = 0
+    if s >= 0.08:
+        if mx == r:
+            hue = 60.0 * (((g - b) / chroma) % 6.0)
+        elif mx == g:
+            hue = 60.0 * ((b - r) / chroma + 2.0)
+        else:
+            hue = 60.0 * ((r - g) / chroma + 4.0)
+        if (70.0 <= hue < 200.0 and s >= 0.15) or (200.0 <= hue < 232.0 and s >= 0.25):
+            cls = _INK_GREEN_BLUE  # green / cyan / blue pen: hues stains do not reach
+        elif 70.0 <= hue < 200.0 or (200.0 <= hue < 232.0 and s >= 0.15):
+            cls = _INK_GREEN_BLUE << _WEAK_SHIFT
+        if (hue >= 340.0 or hue < 12.0) and s >= 0.6 and mx >= 0.35:
+            cls = _INK_RED  # saturated red: redder and more saturated than eosin
+        elif cls == 0 and (hue >= 340.0 or hue < 15.0) and s >= 0.35:
+            cls = _INK_RED << _WEAK_SHIFT
+    # black ink is judged on the local mean colour: dark nuclei are small, strokes are not
+    mxs = max(rs, gs, bs)
+    if mxs < 0.45:
+        ss = (mxs - min(rs, gs, bs)) / mxs if mxs > 0 else 0.0
+        if mxs < 0.25 or (mxs < 0.35 and ss < 0.4):
+            cls = _INK_BLACK  # very dark and unsaturated over an area: black pen
+        elif cls == 0 and ss < 0.55:
+            cls = _INK_BLACK << _WEAK_SHIFT
+    return cls
 
 
 @njit(cache=True, nogil=True, parallel=True)
 def _features(
-    rgb: np.ndarray, bg: np.ndarray, block: int
+    rgb: np.ndarray, smooth: np.ndarray, bg: np.ndarray, block: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Saturation, optical density and ink class of every pixel, relative to the local glass.
 
-    The glass colour is bilinearly interpolated between block centres.
+    The glass colour is bilinearly interpolated between block centres; ``smooth`` is a
+    box-blurred copy of ``rgb`` on which black ink is judged.
     """
     h, w, _ = rgb.shape
     gh, gw, _ = bg.shape
     sat = np.empty((h, w), np.float32)
     od = np.empty((h, w), np.float32)
     ink = np.zeros((h, w), np.uint8)
-    inv255 = 1.0 / 255.0
+    inv = np.empty((gh, gw, 3), np.float64)
+    for i in range(gh):
+        for j in range(gw):
+            for c in range(3):
+                inv[i, j, c] = 1.0 / max(bg[i, j, c], 1.0)
+    lut = np.empty(_OD_LUT_N + 1, np.float32)  # -log10 of a transmittance in (0, 1]
+    for i in range(_OD_LUT_N + 1):
+        lut[i] = -math.log10(max(i / _OD_LUT_N, 1.0 / 255.0))
+    xs0 = np.empty(w, np.int64)
+    xs1 = np.empty(w, np.int64)
+    wxs = np.empty(w, np.float64)
+    for x in range(w):
+        fx = (x + 0.5) / block - 0.5
+        x0 = min(max(int(math.floor(fx)), 0), gw - 1)
+        xs0[x] = x0
+        xs1[x] = min(x0 + 1, gw - 1)
+        wxs[x] = min(max(fx - x0, 0.0), 1.0)
     for y in prange(h):
         fy = (y + 0.5) / block - 0.5
         y0 = min(max(int(math.floor(fy)), 0), gh - 1)
         y1 = min(y0 + 1, gh - 1)
         wy = min(max(fy - y0, 0.0), 1.0)
+        row = np.empty((gw, 3), np.float64)  # 1/glass along this row, interpolated in y
+        for j in range(gw):
+            for c in range(3):
+                row[j, c] = (1.0 - wy) * inv[y0, j, c] + wy * inv[y1, j, c]
         for x in range(w):
-            fx = (x + 0.5) / block - 0.5
-            x0 = min(max(int(math.floor(fx)), 0), gw - 1)
-            x1 = min(x0 + 1, gw - 1)
-            wx = min(max(fx - x0, 0.0), 1.0)
-            r = _rel(rgb[y, x, 0], bg, 0, y0, y1, x0, x1, wy, wx, inv255)
-            gg = _rel(rgb[y, x, 1], bg, 1, y0, y1, x0, x1, wy, wx, inv255)
-            b = _rel(rgb[y, x, 2], bg, 2, y0, y1, x0, x1, wy, wx, inv255)
-            odsum = -(math.log10(r) + math.log10(gg) + math.log10(b))
-            mx = max(r, gg, b)
-            mn = min(r, gg, b)
-            chroma = mx - mn
-            s = chroma / mx if mx > 0 else 0.0
+            x0, x1, wx = xs0[x], xs1[x], wxs[x]
+            i0 = (1.0 - wx) * row[x0, 0] + wx * row[x1, 0]
+            i1 = (1.0 - wx) * row[x0, 1] + wx * row[x1, 1]
+            i2 = (1.0 - wx) * row[x0, 2] + wx * row[x1, 2]
+            r = min((rgb[y, x, 0] + 0.5) * i0, 1.0)
+            g = min((rgb[y, x, 1] + 0.5) * i1, 1.0)
+            b = min((rgb[y, x, 2] + 0.5) * i2, 1.0)
+            od[y, x] = lut[int(r * _OD_LUT_N)] + lut[int(g * _OD_LUT_N)] + lut[int(b * _OD_LUT_N)]
+            mx = max(r, g, b)
+            s = (mx - min(r, g, b)) / mx
             sat[y, x] = s
-            od[y, x] = odsum
-            # hue in degrees
-            if chroma <= 1e-6:
-                hue = 0.0
-            elif mx == r:
-                hue = 60.0 * (((gg - b) / chroma) % 6.0)
-            elif mx == gg:
-                hue = 60.0 * ((b - r) / chroma + 2.0)
-            else:
-                hue = 60.0 * ((r - gg) / chroma + 4.0)
-            cls = 0
-            if (70.0 <= hue < 200.0 and s >= 0.15) or (200.0 <= hue < 232.0 and s >= 0.25):
-                cls = _INK_GREEN_BLUE  # green / cyan / blue pen: hues stains do not reach
-            elif (hue >= 340.0 or hue < 12.0) and s >= 0.6 and mx >= 0.35:
-                cls = _INK_RED  # saturated red: redder and more saturated than eosin
-            elif mx < 0.3 or (mx < 0.45 and s < 0.5):
-                cls = _INK_BLACK  # very dark and unsaturated: black pen, dust
-            elif (
-                (70.0 <= hue < 200.0 and s >= 0.08)
-                or (200.0 <= hue < 232.0 and s >= 0.15)
-                or ((hue >= 340.0 or hue < 15.0) and s >= 0.35)
-                or (mx < 0.55 and s < 0.5)
-            ):
-                cls = _INK_WEAK  # faint ink: counts only where it touches a strong stroke
-            ink[y, x] = cls
+            rs = min((smooth[y, x, 0] + 0.5) * i0, 1.0)
+            gs = min((smooth[y, x, 1] + 0.5) * i1, 1.0)
+            bs = min((smooth[y, x, 2] + 0.5) * i2, 1.0)
+            if s >= 0.08 or max(rs, gs, bs) < 0.45:
+                ink[y, x] = _ink_class(r, g, b, rs, gs, bs)
     return sat, od, ink
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def _box_blur(rgb: np.ndarray, radius: int) -> np.ndarray:
+    """Mean over a ``(2r+1)^2`` window (clipped at the borders): separable running sums."""
+    h, w, _ = rgb.shape
+    out = np.empty((h, w, 3), np.uint8)
+    if radius <= 0:
+        out[:] = rgb
+        return out
+    horiz = np.empty((h, w, 3), np.int32)
+    for y in prange(h):
+        for c in range(3):
+            acc = 0
+            for x in range(min(radius, w)):
+                acc += rgb[y, x, c]
+            for x in range(w):
+                if x + radius < w:
+                    acc += rgb[y, x + radius, c]
+                if x - radius - 1 >= 0:
+                    acc -= rgb[y, x - radius - 1, c]
+                horiz[y, x, c] = acc
+    for y in prange(h):
+        ya, yb = max(y - radius, 0), min(y + radius + 1, h)
+        for x in range(w):
+            n = (yb - ya) * (min(x + radius + 1, w) - max(x - radius, 0))
+            for c in range(3):
+                acc = 0
+                for yy in range(ya, yb):
+                    acc += horiz[yy, x, c]
+                out[y, x, c] = np.uint8((acc + n // 2) // n)
+    return out
 
 
 @njit(cache=True, nogil=True)
@@ -608,29 +670,35 @@ def pen_ink_mask(rgb: np.ndarray, mpp: float) -> np.ndarray:
 def tissue_features(rgb: np.ndarray, mpp: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per-pixel ``(saturation, optical_density, ink_class)`` relative to the local glass colour.
 
-    ``ink_class`` is 0 (none), 1 (green/blue pen), 2 (red pen), 4 (black: dark and unsaturated)
-    or 8 (faint ink colour, which counts only where it touches a stroke).
+    ``ink_class`` is 0 (none), 1 (green/blue pen), 2 (red pen), 4 (black: dark and unsaturated),
+    or that class shifted up three bits (8, 16, 32) for faint ink of the colour, which counts only
+    where it touches a stroke.
     """
     rgb = _as_rgb(rgb)
     block = _Params(mpp, 0.0, 0.0, True).block
     white = _glass_white(rgb)
     bg, valid = _block_background(rgb, block, white)
     bg = _fill_blocks(bg, valid, white)
-    return _features(rgb, bg, block)
+    smooth = _box_blur(rgb, int(min(max(round(_BLACK_SMOOTH_UM / mpp), 0), _RADIUS_PX_MAX)))
+    return _features(rgb, smooth, bg, block)
 
 
 def _ink_strokes(ink: np.ndarray, p: _Params) -> np.ndarray:
-    """Pen strokes: strong-ink components of a minimum area, grown into touching faint ink, dilated."""
-    strong = ((ink & _INK_STRONG) != 0).astype(np.uint8)
-    if not strong.any():
-        return np.zeros(ink.shape, np.uint8)
+    """Pen strokes: per colour, strong-ink components of a minimum area grown into the touching
+    faint ink of the same colour (hysteresis); then dilated a little."""
+    out = np.zeros(ink.shape, np.uint8)
     min_px = max(_MIN_INK_PX, p.area_px(_MIN_INK_AREA_MM2))
-    strokes = _dilate(_remove_small(_erode(strong, 1), min_px), 1)  # opening + area filter
-    if not strokes.any():
-        return strokes
-    candidates = (ink != 0).astype(np.uint8)
-    strokes = _grow_into(candidates, strokes)  # hysteresis: faint rims touching a stroke
-    return _dilate(strokes, p.radius(_INK_DILATE_UM))
+    for cls in (_INK_GREEN_BLUE, _INK_RED, _INK_BLACK):
+        strong = (ink == cls).astype(np.uint8)
+        if not strong.any():
+            continue
+        strokes = _remove_small(strong, min_px)
+        if strokes.any():
+            family = ((ink == cls) | (ink == (cls << _WEAK_SHIFT))).astype(np.uint8)
+            out |= _grow_into(family, strokes)
+    if not out.any():
+        return out
+    return _dilate(out, p.radius(_INK_DILATE_UM))
 
 
 def _segment(rgb: np.ndarray, p: _Params) -> tuple[np.ndarray, dict[str, Any]]:

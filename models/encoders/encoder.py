@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -160,11 +161,30 @@ def build_trunk(spec: EncoderSpec, *, hub_id: str | None = None) -> nn.Module:
     return _truncate(spec, trunk)
 
 
+_SEED_LOCK = threading.Lock()
+
+
 @contextlib.contextmanager
 def _seeded(seed: int):
-    with torch.random.fork_rng(devices=[]):
+    """Seed the CPU RNG for a build and restore it after; one build at a time per process."""
+    with _SEED_LOCK, torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         yield
+
+
+def _empty_trunk(spec: EncoderSpec) -> nn.Module:
+    """A trunk to load a checkpoint into, skipping random init where that is safe.
+
+    A trunk without buffers (plain ViTs) is built on ``meta`` and given uninitialised
+    memory: the strict load fills every parameter, and init of a 1 B-parameter model
+    costs seconds. Trunks with (possibly non-persistent) buffers are built normally.
+    """
+    with torch.device("meta"):
+        trunk = build_trunk(spec)
+    if next(trunk.buffers(), None) is None:
+        return trunk.to_empty(device="cpu")
+    with _seeded(RANDOM_SEED):
+        return build_trunk(spec)
 
 
 def _load_local(spec: EncoderSpec, source: Path) -> tuple[nn.Module, str]:
@@ -179,8 +199,7 @@ def _load_local(spec: EncoderSpec, source: Path) -> tuple[nn.Module, str]:
             spec.name,
         )
     state = read_state_dict(file)
-    with _seeded(RANDOM_SEED):
-        trunk = build_trunk(spec)
+    trunk = _empty_trunk(spec)
     if spec.checkpoint_filter is not None:
         state = spec.checkpoint_filter(state, trunk)
     load_state_dict_strict(trunk, state, source=str(file), encoder=spec.name)

@@ -30,6 +30,8 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
         raise ValueError(
             f"device {str(dev)!r} asked for but CUDA is not available; use cpu or auto"
         )
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"device {str(dev)!r}: only {torch.cuda.device_count()} CUDA devices")
     return dev
 
 

@@ -63,6 +63,14 @@ class EncoderSpec:
         if self.pooling not in TIMM_GLOBAL_POOL:
             raise ValueError(f"{self.name}: unknown pooling {self.pooling!r}")
 
+    def __reduce__(self):
+        # registered specs travel by name (their kwargs hold classes and closures)
+        if _REGISTRY.get(self.name) is self:
+            return (get_spec, (self.name,))
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        values["timm_kwargs"] = dict(self.timm_kwargs)
+        return (_spec_from_fields, (values,))
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-able description (for store attributes and run summaries)."""
         out: dict[str, Any] = {}
@@ -76,6 +84,10 @@ class EncoderSpec:
                 value = list(value)
             out[f.name] = value
         return out
+
+
+def _spec_from_fields(values: dict[str, Any]) -> EncoderSpec:
+    return EncoderSpec(**values)
 
 
 def _qualname(obj: Any) -> str:

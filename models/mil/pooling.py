@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
-from models.mil.base import MILHead, MILOutput, masked_max, masked_mean, mlp_embed
+from models.mil.base import MILHead, MILOutput, masked_mean, mlp_embed
 from models.mil.registry import register_mil
 
 
@@ -24,23 +25,22 @@ class MeanPool(MILHead):
         return MILOutput(logits, mask.to(h.dtype) / n, None)
 
 
-@register_mil("max", description="instance classifier, bag logit = max over instances per class")
+@register_mil("max", description="feature-wise max of embedded instances, then a linear classifier")
 class MaxPool(MILHead):
-    """Max pooling of instance logits (mi-Net style).
+    """Max pooling of instance embeddings (Ilse et al. 2018's max baseline).
 
-    ``attention`` is each instance's logit for the bag's predicted class (zero on padding);
-    it is a score, not normalised.
+    The max is taken before the ReLU (the same result, without ties at zero). ``attention`` is
+    each instance's share of the pooled features it supplies (the argmax), summing to 1.
     """
 
     def __init__(self, in_dim: int, n_classes: int, hidden: int = 256, dropout: float = 0.25) -> None:
         super().__init__(in_dim, n_classes)
-        self.embed = mlp_embed(in_dim, hidden, dropout)
-        self.classifier = nn.Linear(hidden, n_classes)
+        self.embed = nn.Linear(in_dim, hidden)
+        self.head = nn.Sequential(nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden, n_classes))
 
     def _forward(self, x, mask, labels) -> MILOutput:
-        inst = self.classifier(self.embed(x))  # (B, N, C)
-        logits = masked_max(inst, mask)
-        pred = logits.argmax(1)
-        score = inst.gather(2, pred[:, None, None].expand(-1, inst.shape[1], 1)).squeeze(2)
-        return MILOutput(logits, score.masked_fill(~mask, 0.0), None)
-
+        h = self.embed(x).masked_fill(~mask.unsqueeze(-1), torch.finfo(x.dtype).min)
+        pooled, arg = h.max(1)  # (B, H)
+        share = torch.zeros(mask.shape, dtype=x.dtype, device=x.device)
+        share.scatter_add_(1, arg, torch.full_like(pooled, 1.0 / pooled.shape[1]))
+        return MILOutput(self.head(pooled), share.masked_fill(~mask, 0.0), None)

@@ -77,22 +77,35 @@ def command(
 
 
 def _table(info: dict):
+    """A key/value summary above the table of levels (a rich Group)."""
+    from rich.console import Group
     from rich.table import Table
 
     mpp = info["mpp"]
-    if mpp is None:
-        mpp_txt = "[yellow]missing[/yellow] (pass --slide-mpp)"
-    else:
-        mpp_txt = f"{mpp:.4f} µm/px ({info['mpp_source']})"
-    t = Table(title=f"{info['slide_id']}  [dim]{info['path']}[/dim]", title_justify="left")
+    mpp_txt = (
+        "[yellow]missing[/yellow] (pass --slide-mpp)" if mpp is None else f"{mpp:.4f} µm/px ({info['mpp_source']})"
+    )
+    head = Table.grid(padding=(0, 2))
+    head.add_column(style="bold")
+    head.add_column()
+    w, h = info["dimensions"]
+    rows = [
+        ("slide", f"{info['slide_id']}  [dim]{info['path']}[/dim]"),
+        ("dimensions", f"{w} x {h} px"),
+        ("mpp", mpp_txt),
+        ("vendor", info["vendor"] or "-"),
+        ("backend", info["backend"]),
+    ]
+    if info.get("objective_power"):
+        rows.append(("objective", f"{info['objective_power']}x (not used: resolution comes from mpp)"))
+    for key, value in rows:
+        head.add_row(key, value)
+    levels = Table()
     for col in ("level", "width", "height", "downsample", "µm/px"):
-        t.add_column(col, justify="right")
+        levels.add_column(col, justify="right")
     for lv in info["levels"]:
         lv_mpp = "-" if lv["mpp"] is None else f"{lv['mpp']:.4f}"
-        t.add_row(str(lv["index"]), str(lv["dimensions"][0]), str(lv["dimensions"][1]), f"{lv['downsample']:.3f}", lv_mpp)
-    w, h = info["dimensions"]
-    t.caption = (
-        f"{w} x {h} px · mpp {mpp_txt} · vendor {info['vendor'] or '-'} · backend {info['backend']}"
-        + (f" · objective {info['objective_power']}x" if info.get("objective_power") else "")
-    )
-    return t
+        levels.add_row(
+            str(lv["index"]), str(lv["dimensions"][0]), str(lv["dimensions"][1]), f"{lv['downsample']:.3f}", lv_mpp
+        )
+    return Group(head, levels, "")

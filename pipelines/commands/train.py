@@ -1,8 +1,112 @@
-"""`slidepipe train` (placeholder until its issue lands)."""
+"""``slidepipe train``: cross-validated MIL training on a feature store."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
 
 import typer
 
+from pipelines.commands._common import CONFIG_HELP, console, fail, resolve_config, setup_logging
 
-def command() -> None:
-    """Not implemented yet."""
-    raise typer.Exit(3)
+
+class _RichFolds:
+    """One progress bar per fold (epochs, losses) on stderr."""
+
+    def __init__(self, progress) -> None:
+        self.p = progress
+        self.tasks: dict[tuple[int, int], int] = {}
+
+    def __call__(self, event: dict) -> None:
+        key = (event["repeat"], event["fold"])
+        kind = event["kind"]
+        if kind == "fold_start":
+            name = f"repeat {key[0]} fold {key[1]}" if key[0] else f"fold {key[1]}"
+            self.tasks[key] = self.p.add_task(name, total=event["epochs"], info="")
+        elif kind == "epoch":
+            info = f"train {event['train_loss']:.3f}  val {event['val_loss']:.3f}"
+            self.p.update(self.tasks[key], completed=event["epoch"] + 1, info=info)
+        elif kind == "fold_end":
+            auc = event.get("auc")
+            auc_s = "n/a" if auc is None or auc != auc else f"{auc:.3f}"
+            self.p.update(self.tasks[key], completed=self.p.tasks[self.tasks[key]].total,
+                          info=f"best epoch {event['best_epoch']}  test AUC {auc_s}")  # fmt: skip
+
+
+def command(
+    store: Annotated[Path | None, typer.Option("--store", "-s", help="feature store (.zarr)")] = None,
+    labels: Annotated[
+        Path | None, typer.Option("--labels", "-l", help="CSV/TSV/parquet: slide_id, [patient_id], target")
+    ] = None,
+    model: Annotated[
+        str | None, typer.Option("--model", "-m", help="MIL head: abmil, gated-abmil, clam-sb, clam-mb, "
+                                 "transmil, dsmil, mean, max")  # fmt: skip
+    ] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="run directory")] = None,
+    target: Annotated[str | None, typer.Option(help="label column to predict")] = None,
+    folds: Annotated[int | None, typer.Option(help="cross-validation folds")] = None,
+    repeats: Annotated[int | None, typer.Option(help="repeats of the k-fold split (new seed each)")] = None,
+    test_frac: Annotated[float | None, typer.Option(help="held-out test share (0: none)")] = None,
+    val_frac: Annotated[float | None, typer.Option(help="validation share inside each training fold")] = None,
+    splits: Annotated[Path | None, typer.Option(help="reuse splits.json from an earlier run")] = None,
+    epochs: Annotated[int | None, typer.Option(help="maximum epochs per fold")] = None,
+    patience: Annotated[int | None, typer.Option(help="early-stopping patience (epochs)")] = None,
+    lr: Annotated[float | None, typer.Option(help="AdamW learning rate")] = None,
+    weight_decay: Annotated[float | None, typer.Option(help="AdamW weight decay")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="bags per batch")] = None,
+    max_instances: Annotated[int | None, typer.Option(help="subsample larger bags to this size in training")] = None,
+    balance: Annotated[str | None, typer.Option(help="class balance: loss, sampler or none")] = None,
+    standardize: Annotated[
+        bool | None, typer.Option("--standardize/--no-standardize", help="standardise features (train stats)")
+    ] = None,
+    seed: Annotated[int | None, typer.Option(help="seed of splits, initialisation and batches")] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu or cuda")] = None,
+    threads: Annotated[int | None, typer.Option(help="torch CPU threads")] = None,
+    allow_missing: Annotated[
+        bool | None, typer.Option("--allow-missing/--no-allow-missing", help="skip labelled slides not in the store")
+    ] = None,
+    config: Annotated[Path | None, typer.Option("--config", help=CONFIG_HELP)] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="debug logging")] = False,
+) -> None:
+    """Train a MIL head with patient-grouped, stratified k-fold cross-validation.
+
+    Writes config.yaml, splits.json, one checkpoint per fold (best validation loss), log.csv,
+    predictions.csv and metrics.json (per fold and mean ± sd) into --out.
+    Exit code 2 for a usage, label-table or store error.
+    """
+    from pipelines.config import TrainJob
+
+    setup_logging(verbose)
+    overrides = {
+        "store": store, "labels": labels, "model": model, "out": out, "target": target,
+        "folds": folds, "repeats": repeats, "test_frac": test_frac, "val_frac": val_frac,
+        "splits": splits, "epochs": epochs, "patience": patience, "lr": lr,
+        "weight_decay": weight_decay, "batch_size": batch_size, "max_instances": max_instances,
+        "balance": balance, "standardize": standardize, "seed": seed, "device": device,
+        "torch_threads": threads, "allow_missing": allow_missing,
+    }  # fmt: skip
+    job = resolve_config(TrainJob, config, overrides)
+    if job.store is None or job.labels is None:
+        raise fail("--store and --labels are required. Fix: slidepipe train --store S --labels L --out RUN")
+    run(job)
+
+
+def run(job) -> None:
+    """Train with rich progress bars and print the summary table."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from pipelines.splits import SplitError
+    from pipelines.train import LabelTableError, train_mil
+    from wsi.errors import StoreError
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TimeElapsedColumn(), TextColumn("{task.fields[info]}"))  # fmt: skip
+    try:
+        with Progress(*columns, console=console, transient=False) as p:
+            results = train_mil(job.store, job.labels, job=job, progress=_RichFolds(p))
+    except (LabelTableError, SplitError, StoreError) as err:
+        raise fail(str(err)) from err
+    except (ValueError, TypeError) as err:  # bad model name / option
+        raise fail(str(err)) from err
+    console.print(results.table())
+    console.print(f"run: {results.run_dir}  (metrics.json, predictions.csv, {len(results.checkpoints)} checkpoints)")

@@ -1,0 +1,210 @@
+"""End-to-end extraction throughput vs the bare encoder, store write/read speed, expected H100 rate.
+
+For each encoder (random weights, CPU), in one run on the same slides:
+  bare   encoder(preprocess(uint8 batch)) on pre-loaded patch tensors of the same batch size and
+         the same patch count as the end-to-end run (the ceiling)
+  e2e    run_extract: open → tissue → grid → PatchReader + prefetch → encoder → Zarr store
+  ratio  e2e / bare patches/s                                   target ≥ 0.9 (encoder-bound models)
+Bare is timed before and after the e2e run and averaged, so machine load hits both alike.
+Also: store write MB/s and read-back time for an (N, D) fp16 store, and the H100 throughput the
+encoder's FLOPs imply (FlopCounterMode on one batch; assumed bf16 dense peak and utilisation;
+computed, not measured).
+
+    python bench/extract.py --quick
+    python bench/extract.py --encoders ctranspath,tiny-vit --slides 4 --size 8192
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import platform
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+H100_BF16_DENSE_TFLOPS = 989.0  # NVIDIA H100 SXM, dense bf16 tensor-core peak
+ASSUMED_MFU = 0.4  # model-FLOPs utilisation typical of ViT/Swin inference at large batch
+TARGET_RATIO = 0.9
+MIB = 1 << 20
+
+
+def machine_info() -> str:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
+    return (
+        f"machine: {platform.machine()} {platform.processor() or ''} | cores available: {cores} "
+        f"(os: {os.cpu_count()}) | torch threads: {torch.get_num_threads()} | load avg: {load} | "
+        f"torch {torch.__version__}"
+    )
+
+
+def make_slides(tmp: Path, n: int, size: int) -> list[Path]:
+    from wsi.synthetic import make_synthetic_slide
+
+    paths = []
+    for i in range(n):
+        p = tmp / f"synthetic-{i}.svs"
+        make_synthetic_slide(p, width=size, height=size * 3 // 4, mpp=0.5, seed=i, tissue_fraction=0.6)
+        paths.append(p)
+    return paths
+
+
+def job_for(encoder: str, slides: list[Path], out: Path, batch: int, mpp: float, size: int):
+    from pipelines.config import ExtractJob, TilingConfig
+
+    return ExtractJob(
+        slides=[str(s) for s in slides], out=out, encoder=encoder, weights="random",
+        tiling=TilingConfig(mpp=mpp, patch_size=size, min_tissue=0.5), batch_size=batch, device="cpu",
+    )
+
+
+def real_patches(job, n: int) -> torch.Tensor:
+    """``n`` real uint8 patches of the job's size, read from its first slide (repeated if short)."""
+    from wsi.reader import PatchReader
+    from wsi.slide import open_slide
+    from wsi.tiling import make_grid
+
+    with open_slide(job.slides[0]) as slide:
+        grid = make_grid(slide, None, patch_size=job.tiling.patch_size, mpp=job.tiling.mpp, min_tissue=0.0)
+        images = []
+        for b in PatchReader(slide, grid, batch_size=64):
+            images.append(b.images)
+            if sum(len(i) for i in images) >= n:
+                break
+    arr = np.concatenate(images)
+    arr = np.concatenate([arr] * (n // len(arr) + 1))[:n]
+    return torch.from_numpy(np.ascontiguousarray(arr))
+
+
+def bare_rate(encoder, patches: torch.Tensor, batch: int) -> float:
+    with torch.inference_mode():
+        encoder(encoder.preprocess(patches[:batch]))  # warm-up
+        t0 = time.perf_counter()
+        for i in range(0, len(patches), batch):
+            encoder(encoder.preprocess(patches[i : i + batch]))
+        return len(patches) / (time.perf_counter() - t0)
+
+
+def flops_per_patch(encoder, patches: torch.Tensor, batch: int) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x = patches[:batch]
+    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        encoder(encoder.preprocess(x))
+    return counter.get_total_flops() / len(x)
+
+
+def bench_encoder(name: str, slides: list[Path], warm_slide: Path, tmp: Path, batch: int) -> dict:
+    from models.encoders import get_spec
+    from pipelines.extract import load_encoder, run_extract
+
+    spec = get_spec(name)
+    mpp = spec.native_mpp or 0.5
+    size = 224 if spec.input_size >= 224 else 64
+    job = job_for(name, slides, tmp / f"{name}.zarr", batch, mpp, size)
+    enc = load_encoder(job)
+    warm = job_for(name, [warm_slide], tmp / f"{name}-warm.zarr", batch, mpp, size)
+    run_extract(warm, encoder=enc)  # numba kernels, slide caches, encoder warm-up
+    shutil.rmtree(warm.out)
+
+    # bare → e2e → bare on the same number of real patches; bare is the mean of the two
+    from wsi.slide import open_slide
+    from wsi.tiling import make_grid
+    from wsi.tissue import detect_tissue
+
+    n = 0
+    for path in slides:
+        with open_slide(path) as slide:
+            n += len(make_grid(slide, detect_tissue(slide), patch_size=size, mpp=mpp, min_tissue=0.5))
+    patches = real_patches(job, max(n, batch))
+    before = bare_rate(enc, patches, batch)
+    t0 = time.perf_counter()
+    summary = run_extract(job, encoder=enc)
+    e2e_s = time.perf_counter() - t0
+    after = bare_rate(enc, patches, batch)
+    bare = (before + after) / 2
+    e2e = summary.n_patches / e2e_s
+    flops = flops_per_patch(enc, patches, batch)
+    h100 = H100_BF16_DENSE_TFLOPS * 1e12 * ASSUMED_MFU / flops
+    return {
+        "encoder": name, "patch": f"{size}px@{mpp}", "patches": summary.n_patches, "failed": summary.n_failed,
+        "bare": bare, "bare_spread": abs(before - after) / bare, "e2e": e2e, "ratio": e2e / bare,
+        "gflops": flops / 1e9, "h100": h100,
+    }
+
+
+def bench_store(tmp: Path, n: int, dim: int) -> dict:
+    from wsi.store import FeatureStore
+
+    rng = np.random.default_rng(0)
+    feats = rng.standard_normal((n, dim)).astype(np.float16)
+    coords = rng.integers(0, 100_000, size=(n, 2), dtype=np.int64)
+    store = FeatureStore(tmp / "store-bench.zarr")
+    mb = (feats.nbytes + coords.nbytes + n * 4) / MIB
+    t0 = time.perf_counter()
+    for i in range(4):
+        store.write(f"slide-{i}", feats, coords)
+    write_s = (time.perf_counter() - t0) / 4
+    t0 = time.perf_counter()
+    bags = FeatureStore(store.path, mode="r").load_bags()
+    read_s = time.perf_counter() - t0
+    assert all(np.array_equal(b, feats) for b in bags.values())
+    disk = sum(f.stat().st_size for f in store.path.rglob("*") if f.is_file()) / MIB
+    return {"n": n, "dim": dim, "mb": mb, "write_mbs": mb / write_s, "read_s": read_s,
+            "read_mbs": 4 * feats.nbytes / MIB / read_s, "disk_mb": disk}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="small sizes (CI, contended machines)")
+    ap.add_argument("--encoders", default="ctranspath,tiny-vit")
+    ap.add_argument("--slides", type=int, default=None, help="synthetic slides (default 1 quick, 4 full)")
+    ap.add_argument("--size", type=int, default=None, help="synthetic slide width in px (default 3072 / 8192)")
+    ap.add_argument("--batch-size", type=int, default=None, help="default 8 quick, 64 full")
+    ap.add_argument("--store-rows", type=int, default=None, help="rows per slide in the store bench")
+    args = ap.parse_args()
+    n_slides = args.slides or (1 if args.quick else 4)
+    size = args.size or (2048 if args.quick else 8192)
+    rows = args.store_rows or (5_000 if args.quick else 50_000)
+    args.batch_size = args.batch_size or (8 if args.quick else 64)
+    logging.basicConfig(level=logging.WARNING)
+
+    print(machine_info())
+    tmp = Path(tempfile.mkdtemp(prefix="slidepipe-bench-"))
+    try:
+        slides = make_slides(tmp, n_slides, size)
+        from wsi.synthetic import make_synthetic_slide
+
+        warm_slide = make_synthetic_slide(tmp / "warm.svs", width=1024, height=768, mpp=0.5, seed=99).path
+        print(f"slides: {n_slides} synthetic {size}x{size * 3 // 4} px at 0.5 µm/px; batch {args.batch_size}")
+        print()
+        head = (f"{'encoder':<12} {'patch':>11} {'patches':>8} {'bare p/s':>9} {'e2e p/s':>9} "
+                f"{'ratio':>6} {'target':>10} {'bare spread':>11} {'GFLOP/p':>8} {'H100 p/s*':>12}")
+        print(head)
+        print("-" * len(head))
+        for name in args.encoders.split(","):
+            r = bench_encoder(name.strip(), slides, warm_slide, tmp, args.batch_size)
+            ok = "ok" if r["ratio"] >= TARGET_RATIO else "MISS"
+            print(f"{r['encoder']:<12} {r['patch']:>11} {r['patches']:>8} {r['bare']:>9.1f} {r['e2e']:>9.1f} "
+                  f"{r['ratio']:>6.2f} {'>=' + str(TARGET_RATIO):>5} {ok:<4} {r['bare_spread']:>11.0%} "
+                  f"{r['gflops']:>8.3f} {r['h100']:>12,.0f}")
+        print(f"* expected, not measured: FLOPs counted with FlopCounterMode on one batch; "
+              f"H100 SXM bf16 dense {H100_BF16_DENSE_TFLOPS:.0f} TFLOPS x {ASSUMED_MFU:.0%} utilisation")
+        print()
+        s = bench_store(tmp, rows, 768)
+        print(f"{'store':<12} {'rows x D':>14} {'MB/slide':>9} {'write MB/s':>11} {'read 4 slides s':>16} "
+              f"{'read MB/s':>10} {'on disk MB':>11}")
+        print(f"{'fp16 zarr':<12} {s['n']:>8} x {s['dim']:<3} {s['mb']:>9.1f} {s['write_mbs']:>11.1f} "
+              f"{s['read_s']:>16.3f} {s['read_mbs']:>10.1f} {s['disk_mb']:>11.1f}")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,281 @@
+"""Training API: label tables, patient-grouped splits, batching, witness-store accuracy of every
+head, bit-for-bit reproducibility, run-directory outputs, the CLI, and the train/heatmap configs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+from typer.testing import CliRunner
+
+from models.mil import create_mil, list_mil
+from pipelines.config import HeatmapJob, TrainJob, load_config
+from pipelines.splits import SplitError, Splits, make_splits
+from pipelines.train import (
+    CHECKPOINT_RULE,
+    LabelTableError,
+    UnknownSlidesError,
+    collate,
+    length_batches,
+    load_checkpoint,
+    predict,
+    read_label_table,
+    standardization_stats,
+    train_mil,
+)
+from wsi.store import FeatureStore
+
+REPO = Path(__file__).resolve().parents[1]
+D = 16
+FAST = {"epochs": 10, "patience": 4, "lr": 2e-3, "batch_size": 4, "folds": 3, "device": "cpu"}
+HEAD_KW = {
+    "transmil": {"dim": 16, "heads": 2, "landmarks": 16},
+    "clam-sb": {"hidden": 32, "attn_dim": 16},
+    "clam-mb": {"hidden": 32, "attn_dim": 16},
+    "dsmil": {"hidden": 32, "query_dim": 16},
+}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models: one torch thread is faster and steadier on a shared machine."""
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(prev)
+
+
+def write_witness_store(root: Path, *, n: int = 60, seed: int = 0) -> tuple[Path, Path]:
+    """Bags of 100-300 N(0, 1) instances; positive bags hide ~10 % witnesses shifted by +3 in
+    8 of the 16 dimensions. The first 20 slides pair up into 10 two-slide patients."""
+    rng = np.random.default_rng(seed)
+    fs = FeatureStore(root / "features.zarr")
+    rows = []
+    for i in range(n):
+        y = i % 2
+        m = int(rng.integers(100, 300))
+        x = rng.normal(size=(m, D))
+        if y:
+            x[: max(3, m // 10), :8] += 3.0
+            rng.shuffle(x)
+        coords = np.stack([np.arange(m) % 20 * 256, np.arange(m) // 20 * 256], 1)
+        fs.write(f"s{i:03d}", x.astype(np.float16), coords)
+        rows.append({"slide_id": f"s{i:03d}", "patient_id": f"p{i // 2 if i < 20 else i}",
+                     "label": ["neg", "pos"][y]})  # fmt: skip
+    pd.DataFrame(rows).to_csv(root / "labels.csv", index=False)
+    return root / "features.zarr", root / "labels.csv"
+
+
+@pytest.fixture(scope="module")
+def witness(tmp_path_factory) -> tuple[Path, Path]:
+    return write_witness_store(tmp_path_factory.mktemp("witness"))
+
+
+# --------------------------------------------------------------------------- configs
+def _yaml_files(verb: str) -> list[Path]:
+    return sorted((REPO / "configs" / verb).glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", _yaml_files("train") + _yaml_files("heatmap"), ids=lambda p: p.name)
+def test_every_train_and_heatmap_config_validates(path):
+    job = load_config(TrainJob if path.parent.name == "train" else HeatmapJob, path)
+    if isinstance(job, TrainJob):
+        create_mil(job.model, 8, 2, **job.model_kwargs)  # the model options are valid too
+
+
+def test_default_configs_match_the_models():
+    for verb, model in (("train", TrainJob), ("heatmap", HeatmapJob)):
+        data = yaml.safe_load((REPO / "configs" / verb / "default.yaml").read_text())
+        assert data == model().model_dump(mode="json"), f"configs/{verb}/default.yaml is out of date"
+
+
+# --------------------------------------------------------------------------- labels
+def test_label_table_errors_name_file_and_fix(tmp_path, witness):
+    store, _ = witness
+    bad = tmp_path / "bad.csv"
+    bad.write_text("slide,label\na,1\n")
+    with pytest.raises(LabelTableError, match=r"bad.csv: no 'slide_id' column.*Fix"):
+        read_label_table(bad)
+    with pytest.raises(LabelTableError, match=r"target column 'grade' not found"):
+        read_label_table(pd.DataFrame({"slide_id": ["a"], "label": [1]}), target="grade")
+    tsv = tmp_path / "labels.tsv"
+    pd.DataFrame({"slide_id": ["s000", "s001", "ghost-1", "ghost-2"], "label": [0, 1, 0, 1]}).to_csv(
+        tsv, sep="\t", index=False
+    )
+    with pytest.raises(UnknownSlidesError, match=r"labels.tsv: 2 slide\(s\).*ghost-1, ghost-2.*--allow-missing") as e:
+        train_mil(store, tsv, out=tmp_path / "run", epochs=1)
+    assert e.value.slide_ids == ["ghost-1", "ghost-2"]
+
+
+def test_allow_missing_skips_unknown_slides(tmp_path, witness):
+    store, labels = witness
+    table = pd.read_csv(labels)
+    table = pd.concat([table, pd.DataFrame([{"slide_id": "ghost", "patient_id": "px", "label": "pos"}])])
+    res = train_mil(store, table, out=tmp_path / "run", allow_missing=True, epochs=1, folds=2,
+                    model_kwargs={"hidden": 8}, device="cpu")  # fmt: skip
+    assert "ghost" not in set(res.predictions["slide_id"])
+    assert len(res.predictions) == 60
+
+
+# --------------------------------------------------------------------------- splits
+def _cohort(n=80, seed=0):
+    rng = np.random.default_rng(seed)
+    patients = [f"p{rng.integers(0, 30)}" for _ in range(n)]
+    labels = [int(p[1:]) % 2 for p in patients]  # label per patient
+    return [f"s{i}" for i in range(n)], labels, patients
+
+
+def test_splits_never_share_a_patient_and_are_stratified():
+    ids, y, pats = _cohort()
+    sp = make_splits(ids, y, pats, folds=4, repeats=2, test_frac=0.2, seed=3)
+    patient = dict(zip(ids, pats, strict=True))
+    assert len(sp.folds) == 8
+    held = {patient[s] for s in sp.heldout}
+    assert sp.heldout and held
+    for r in (0, 1):
+        tests = [s for f in sp.folds if f.repeat == r for s in f.test]
+        assert sorted(tests) == sorted(set(ids) - set(sp.heldout))  # each slide tested once
+    for f in sp.folds:
+        parts = [{patient[s] for s in getattr(f, p)} for p in ("train", "val", "test")]
+        assert not (parts[0] & parts[1] or parts[0] & parts[2] or parts[1] & parts[2])
+        assert not (held & (parts[0] | parts[1] | parts[2]))
+        assert set(np.array(y)[[ids.index(s) for s in f.test]]) == {0, 1}
+    assert make_splits(ids, y, pats, folds=4, repeats=2, test_frac=0.2, seed=3) == sp
+    assert make_splits(ids, y, pats, folds=4, seed=4).folds[0].test != sp.folds[0].test
+
+
+def test_splits_roundtrip_and_leak_check(tmp_path):
+    ids, y, pats = _cohort()
+    sp = make_splits(ids, y, pats, folds=3, seed=0)
+    sp.save(tmp_path, dict(zip(ids, pats, strict=True)))
+    assert Splits.load(tmp_path) == sp
+    csv = pd.read_csv(tmp_path / "splits.csv")
+    assert set(csv.columns) == {"slide_id", "patient_id", "repeat", "fold", "part"}
+    leaky = dict(zip(ids, pats, strict=True))
+    f0 = sp.folds[0]
+    leaky[f0.test[0]] = leaky[f0.train[0]]  # same patient now in train and test
+    with pytest.raises(SplitError, match="fold0: patient"):
+        sp.check(leaky)
+    with pytest.raises(SplitError, match="at least 5 patients per class"):
+        make_splits(ids[:6], y[:6], pats[:6], folds=5)
+
+
+# --------------------------------------------------------------------------- batching
+def test_length_batches_bucket_and_cover_everything():
+    lengths = np.random.default_rng(0).integers(1, 1000, 200)
+    g = torch.Generator().manual_seed(0)
+    batches = length_batches(lengths, 8, generator=g)
+    assert sorted(i for b in batches for i in b) == list(range(200))
+    spread = np.mean([np.ptp(lengths[b]) for b in batches])
+    random_spread = np.mean([np.ptp(lengths[i : i + 8]) for i in range(0, 200, 8)])
+    assert spread < random_spread / 3  # bucketing keeps padding small
+    again = length_batches(lengths, 8, generator=torch.Generator().manual_seed(0))
+    assert again == batches
+    eval_batches = length_batches(lengths, 8)
+    assert [i for b in eval_batches for i in b] == np.argsort(lengths, kind="stable").tolist()
+
+
+def test_collate_pads_standardises_and_masks():
+    bags = [torch.full((3, 2), 2.0, dtype=torch.float16), torch.full((1, 2), 4.0, dtype=torch.float16)]
+    mean, std = standardization_stats(bags)
+    torch.testing.assert_close(mean, torch.tensor([2.5, 2.5]))
+    x, mask = collate(bags, mean, std)
+    assert x.shape == (2, 3, 2) and x.dtype == torch.float32
+    assert mask.tolist() == [[True, True, True], [True, False, False]]
+    torch.testing.assert_close(x[1, 0], (torch.tensor([4.0, 4.0]) - 2.5) / std)
+    assert torch.all(x[1, 1:] == 0)
+    big = [torch.arange(20, dtype=torch.float16)[:, None]]
+    xs, ms = collate(big, None, None, max_instances=5, generator=torch.Generator().manual_seed(0))
+    assert xs.shape == (1, 5, 1) and ms.all()
+    assert torch.all(xs[0, 1:, 0] > xs[0, :-1, 0])  # subsample keeps instance order
+
+
+# --------------------------------------------------------------------------- training
+HEAVY = pytest.mark.slow  # same acceptance, run with -m slow (about 5-20 s each here)
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["abmil", "mean", "max", "dsmil", *(pytest.param(n, marks=HEAVY) for n in ("gated-abmil", "clam-sb", "clam-mb", "transmil"))],
+)
+def test_every_head_finds_the_witnesses(tmp_path, witness, name):
+    store, labels = witness
+    kw = HEAD_KW.get(name, {"hidden": 32})
+    extra = {"max_instances": 128} if name == "transmil" else {}
+    res = train_mil(store, labels, model=name, out=tmp_path / name, model_kwargs=kw, **FAST, **extra)
+    assert res.summary["auc"]["mean"] >= 0.95, res.folds
+
+
+def test_all_registered_heads_are_trained_above():
+    assert set(list_mil()) == {"abmil", "gated-abmil", "mean", "max", "clam-sb", "clam-mb", "dsmil", "transmil"}
+
+
+def test_run_outputs_and_same_seed_same_numbers(tmp_path, witness):
+    store, labels = witness
+    opts = dict(model="abmil", folds=3, epochs=4, lr=2e-3, batch_size=4, test_frac=0.2,
+                model_kwargs={"hidden": 16, "attn_dim": 8}, seed=7, device="cpu")  # fmt: skip
+    a = train_mil(store, labels, out=tmp_path / "a", **opts)
+    b = train_mil(store, labels, out=tmp_path / "b", **opts)
+    ma = json.loads((tmp_path / "a" / "metrics.json").read_text())
+    mb = json.loads((tmp_path / "b" / "metrics.json").read_text())
+    ma.pop("seconds"), mb.pop("seconds")
+    assert ma == mb
+    pd.testing.assert_frame_equal(a.predictions, b.predictions)
+    # outputs
+    run = tmp_path / "a"
+    for name in ("config.yaml", "labels.csv", "splits.json", "splits.csv", "log.csv", "predictions.csv",
+                 "metrics.json", "README.md", "fold0.pt", "fold1.pt", "fold2.pt"):  # fmt: skip
+        assert (run / name).is_file(), name
+    assert ma["checkpoint_rule"] == CHECKPOINT_RULE and "best validation" in (run / "README.md").read_text()
+    assert len(ma["folds"]) == 3 and {"auc", "accuracy", "balanced_accuracy", "f1", "best_epoch"} <= set(ma["folds"][0])
+    assert set(ma["summary"]["auc"]) >= {"mean", "std"} and "heldout_auc" in ma["summary"]
+    pred = pd.read_csv(run / "predictions.csv")
+    assert list(pred.columns[:7]) == ["slide_id", "patient_id", "repeat", "fold", "part", "label", "pred"]
+    assert {"prob_neg", "prob_pos"} <= set(pred.columns)
+    np.testing.assert_allclose(pred[["prob_neg", "prob_pos"]].sum(axis=1), 1, atol=1e-6)
+    test_rows = pred[pred.part == "test"]
+    assert test_rows.slide_id.is_unique and len(test_rows) + len(a.splits.heldout) == 60
+    assert (pred.part == "heldout").sum() == 3 * len(a.splits.heldout)
+    logs = pd.read_csv(run / "log.csv")
+    assert {"train_loss", "val_loss", "val_auc", "data_wait_seconds"} <= set(logs.columns)
+    assert TrainJob.model_validate(yaml.safe_load((run / "config.yaml").read_text())).seed == 7
+    # the checkpoint rebuilds the model and reproduces predictions.csv
+    model, ckpt = load_checkpoint(run / "fold1.pt")
+    assert ckpt["classes"] == ["neg", "pos"] and ckpt["in_dim"] == D
+    assert ckpt["best_epoch"] == ma["folds"][1]["best_epoch"]
+    fs = FeatureStore(store, mode="r")
+    ids = a.splits.folds[1].test
+    bags = [torch.from_numpy(fs.read(s).features) for s in ids]
+    probs = torch.softmax(predict(model, bags, ckpt["mean"], ckpt["std"]), 1).numpy()
+    mine = pred[(pred.fold == 1) & (pred.part == "test")].set_index("slide_id").loc[ids]
+    np.testing.assert_allclose(mine[["prob_neg", "prob_pos"]].to_numpy(), probs, atol=1e-6)
+    # standardisation statistics come from the training part only
+    train_bags = [torch.from_numpy(fs.read(s).features) for s in a.splits.folds[1].train]
+    torch.testing.assert_close(ckpt["mean"], standardization_stats(train_bags)[0])
+    # reusing the splits gives the same folds
+    c = train_mil(store, labels, out=tmp_path / "c", splits=run / "splits.json", **{**opts, "epochs": 1})
+    assert c.splits == a.splits
+
+
+def test_cli_train(tmp_path, witness):
+    from pipelines.cli import app
+
+    store, labels = witness
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text("model: mean\nmodel_kwargs: {hidden: 8}\nepochs: 2\nfolds: 2\n")
+    out = tmp_path / "run"
+    r = CliRunner().invoke(app, ["train", "--store", str(store), "--labels", str(labels), "--out", str(out),
+                                 "--config", str(cfg), "--epochs", "1", "--device", "cpu"])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    job = TrainJob.model_validate(yaml.safe_load((out / "config.yaml").read_text()))
+    assert (job.model, job.epochs, job.folds) == ("mean", 1, 2)  # flags override the file
+    assert len(json.loads((out / "metrics.json").read_text())["folds"]) == 2
+    bad = tmp_path / "bad.csv"
+    bad.write_text("slide_id,label\ns000,0\nnope,1\n")
+    r = CliRunner().invoke(app, ["train", "--store", str(store), "--labels", str(bad), "--out", str(out)])
+    assert r.exit_code == 2 and "nope" in r.output
