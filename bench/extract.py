@@ -65,13 +65,17 @@ def job_for(encoder: str, slides: list[Path], out: Path, batch: int, mpp: float,
 
 
 def real_patches(job, n: int) -> torch.Tensor:
-    """``n`` real uint8 patches of the job's size, read from its first slide (repeated if short)."""
+    """``n`` uint8 tissue patches of the job's size from its first slide (the ones e2e embeds),
+    repeated if short."""
     from wsi.reader import PatchReader
     from wsi.slide import open_slide
     from wsi.tiling import make_grid
+    from wsi.tissue import detect_tissue
 
+    t = job.tiling
     with open_slide(job.slides[0]) as slide:
-        grid = make_grid(slide, None, patch_size=job.tiling.patch_size, mpp=job.tiling.mpp, min_tissue=0.0)
+        mask = detect_tissue(slide, target_mpp=t.tissue_mpp)
+        grid = make_grid(slide, mask, patch_size=t.patch_size, mpp=t.mpp, min_tissue=t.min_tissue)
         images = []
         for b in PatchReader(slide, grid, batch_size=64):
             images.append(b.images)
@@ -121,7 +125,8 @@ def bench_encoder(name: str, slides: list[Path], warm_slide: Path, tmp: Path, ba
     n = 0
     for path in slides:
         with open_slide(path) as slide:
-            n += len(make_grid(slide, detect_tissue(slide), patch_size=size, mpp=mpp, min_tissue=0.5))
+            mask = detect_tissue(slide, target_mpp=job.tiling.tissue_mpp)
+            n += len(make_grid(slide, mask, patch_size=size, mpp=mpp, min_tissue=job.tiling.min_tissue))
     patches = real_patches(job, max(n, batch))
     before = bare_rate(enc, patches, batch)
     t0 = time.perf_counter()

@@ -90,8 +90,10 @@ def main(argv=None) -> None:
     n = len(patches)
     tpatches = torch.from_numpy(patches)
     tchw = [torch.from_numpy(p).permute(2, 0, 1).contiguous() for p in patches]
-    print(f"{n} real 256x256 patches ({half} TCGA frozen JPEG2000, {n - half} CMU-1), target "
-          f"512x512 CMU-1 region; best of {repeats} interleaved runs")
+    print(
+        f"{n} real 256x256 patches ({half} TCGA frozen JPEG2000, {n - half} CMU-1), target "
+        f"512x512 CMU-1 region; best of {repeats} interleaved runs"
+    )
 
     rows = []
 
@@ -188,25 +190,39 @@ def main(argv=None) -> None:
         print(line.format(*r))
     print()
     print("targets (slidepipe-numba, one core):")
-    print(f"  macenko  vs torchstain-numpy {mac_ratio_np:6.1f}x (target >= 10x)  "
-          f"{'PASS' if mac_ratio_np >= 10 else 'MISS'}")
-    print(f"  macenko  vs torchstain-torch {mac_ratio_t:6.1f}x (target >= 3x)   "
-          f"{'PASS' if mac_ratio_t >= 3 else 'MISS'}")
-    print(f"  macenko  MAD vs torchstain-numpy {mac_mad:.4f} (target <= 1.0)  "
-          f"{'PASS' if mac_mad <= 1.0 else 'MISS'}")
-    print(f"  reinhard vs torchstain-numpy {rein_ratio:6.1f}x (target >= 10x)  "
-          f"{'PASS' if rein_ratio >= 10 else 'MISS'}")
-    print(f"  vahadane {vah_pps:8.1f} patches/s (target >= 50)  "
-          f"{'PASS' if vah_pps >= 50 else 'MISS'}  (source stains fitted once in {fit_s:.2f} s)")
+    print(
+        f"  macenko  vs torchstain-numpy {mac_ratio_np:6.1f}x (target >= 10x)  "
+        f"{'PASS' if mac_ratio_np >= 10 else 'MISS'}"
+    )
+    print(
+        f"  macenko  vs torchstain-torch {mac_ratio_t:6.1f}x (target >= 3x)   "
+        f"{'PASS' if mac_ratio_t >= 3 else 'MISS'}"
+    )
+    print(
+        f"  macenko  MAD vs torchstain-numpy {mac_mad:.4f} (target <= 1.0)  "
+        f"{'PASS' if mac_mad <= 1.0 else 'MISS'}"
+    )
+    print(
+        f"  reinhard vs torchstain-numpy {rein_ratio:6.1f}x (target >= 10x)  "
+        f"{'PASS' if rein_ratio >= 10 else 'MISS'}"
+    )
+    print(
+        f"  vahadane {vah_pps:8.1f} patches/s (target >= 50)  "
+        f"{'PASS' if vah_pps >= 50 else 'MISS'}  (source stains fitted once in {fit_s:.2f} s)"
+    )
     print(f"  macenko  numba vs torch path (float32) MAD {mad_torch_path:.4f}")
     print()
     load = os.getloadavg() if hasattr(os, "getloadavg") else ("?",)
-    print(f"machine: {platform.machine()} {platform.processor() or ''} cores={os.cpu_count()} "
-          f"usable={len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else '?'} "
-          f"load={tuple(round(x, 2) for x in load)}; threads: numba={numba.get_num_threads()} "
-          f"torch={torch.get_num_threads()} BLAS={os.environ.get('OPENBLAS_NUM_THREADS')}")
-    print(f"versions: numpy {np.__version__}, numba {numba.__version__}, torch {torch.__version__}, "
-          f"torchstain {getattr(torchstain, '__version__', '?')}")
+    print(
+        f"machine: {platform.machine()} {platform.processor() or ''} cores={os.cpu_count()} "
+        f"usable={len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else '?'} "
+        f"load={tuple(round(x, 2) for x in load)}; threads: numba={numba.get_num_threads()} "
+        f"torch={torch.get_num_threads()} BLAS={os.environ.get('OPENBLAS_NUM_THREADS')}"
+    )
+    print(
+        f"versions: numpy {np.__version__}, numba {numba.__version__}, torch {torch.__version__}, "
+        f"torchstain {getattr(torchstain, '__version__', '?')}"
+    )
 
 
 if __name__ == "__main__":

@@ -64,7 +64,7 @@ def export_slide(store: FeatureStore, slide_id: str, out_dir: str | Path) -> Pat
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{slide_id}.h5"
     tmp = path.with_name(f".{path.name}.tmp")
-    ident = store.identity()
+    ident = store.identity
     with h5py.File(tmp, "w") as f:
         feats = f.create_dataset("features", data=slide.features.astype(np.float32))
         coords = f.create_dataset("coords", data=slide.coords.astype(np.int64))

@@ -283,14 +283,21 @@ def _write_patch_images(
     _replace(tmp, final)
 
 
+def check_job(job: TileJob) -> list[Path]:
+    """The job's slide paths, after checking what would otherwise fail every slide: the slide
+    arguments (``InputError``) and the stain target (``StainError``)."""
+    paths = expand_slides(job.slides)
+    _load_stain(job)
+    return paths
+
+
 def run_tile(job: TileJob, *, progress: Callable[[SlideResult], None] | None = None) -> RunSummary:
     """Tile every slide of ``job`` (in this process, or on ``job.cluster``); write the resolved
     config and ``summary.json`` into ``job.out``. Raises ``InputError`` when a slide argument
     matches nothing and ``StainError`` for an unusable stain target (before any slide runs)."""
     from pipelines.cluster import run_slides
 
-    paths = expand_slides(job.slides)
-    _load_stain(job)  # fail fast on a bad --stain-target
+    paths = check_job(job)
     out = Path(job.out)
     out.mkdir(parents=True, exist_ok=True)
     save_resolved_config(job, out)

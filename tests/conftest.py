@@ -244,3 +244,20 @@ def multichannel_tiff(synthetic_dir) -> Path:
     path = synthetic_dir / "multiplex.tiff"
     tifffile.imwrite(path, img, photometric="minisblack", tile=(64, 64), metadata={"axes": "CYX"})
     return path
+
+
+@pytest.fixture(scope="session")
+def corrupt_slide(synthetic_dir) -> Path:
+    """Aperio JPEG pyramid at 0.5 µm/px, 2048 x 1536, 64 px tiles, 3 levels, whose level-0 tile at
+    (128, 128) is garbage (the coarser levels, which tissue detection reads, are intact)."""
+    path = write_pyramid(
+        synthetic_dir / "corrupt.svs", pattern_image(2048, 1536), n_levels=3, aperio=True, aperio_mpp=0.5
+    )
+    with tifffile.TiffFile(path) as tif:
+        page = tif.pages[0]
+        k = 2 * (2048 // 64) + 2
+        offset, count = page.dataoffsets[k], page.databytecounts[k]
+    with path.open("r+b") as f:
+        f.seek(offset + 20)
+        f.write(b"\0" * (count - 40))
+    return path

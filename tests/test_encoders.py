@@ -14,6 +14,7 @@ import pickle
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from models.encoders import (
@@ -202,6 +203,22 @@ def test_preprocess_resizes_antialiased(name):
     board = board[None, :, :, None].expand(1, 4 * s, 4 * s, 3).contiguous()
     grey = enc.preprocess(board)[0, 0] * enc.spec.std[0] + enc.spec.mean[0]
     assert float(grey.min()) > 0.4 and float(grey.max()) < 0.6
+
+
+def test_cpu_uint8_resize_matches_float_resize_on_smooth_images():
+    enc = create_encoder("tiny-swin", weights="random")  # bilinear
+    s = enc.input_size
+    yy, xx = torch.meshgrid(torch.arange(3 * s), torch.arange(3 * s), indexing="ij")
+    smooth = torch.stack([xx * 2, yy * 2, (xx + yy)], dim=-1).clamp(0, 255).to(torch.uint8)[None]
+    got = enc.preprocess(smooth)
+    ref = F.interpolate(
+        smooth.permute(0, 3, 1, 2).float(), size=(s, s), mode="bilinear", antialias=True
+    )
+    ref = (ref / 255 - torch.tensor(enc.spec.mean).view(1, 3, 1, 1)) / torch.tensor(
+        enc.spec.std
+    ).view(1, 3, 1, 1)
+    # within one grey level (uint8 rounding), in normalised units
+    torch.testing.assert_close(got, ref, rtol=0, atol=1.01 / 255 / min(enc.spec.std))
 
 
 def test_preprocess_rejects_wrong_input():

@@ -73,7 +73,7 @@ def test_real_slides_make_a_valid_store(extracted, encoder):
     assert {r.status for r in summary.results} == {"done"}, [r.reason for r in summary.results]
     store = FeatureStore(job.out, mode="r")
     assert store.slide_ids() == REAL_IDS
-    ident = store.identity()
+    ident = store.identity
     assert ident["encoder"] == {"name": "tiny-vit", "weights_id": "random", "dim": 64}
     assert ident["tiling"]["mpp"] == 1.0 and ident["tiling"]["patch_size"] == 224
     assert store.attrs["config"]["encoder"] == "tiny-vit"
@@ -182,7 +182,7 @@ def test_store_identity_mismatch_is_refused_unless_overwrite(tmp_path, encoder):
         run_extract(other, encoder=encoder)
     other.overwrite = True
     assert run_extract(other, encoder=encoder).results[0].status == "done"
-    assert FeatureStore(job.out, mode="r").identity()["tiling"]["mpp"] == 2.0
+    assert FeatureStore(job.out, mode="r").identity["tiling"]["mpp"] == 2.0
 
 
 def test_changed_slide_file_is_an_error_unless_overwrite(tmp_path, encoder):
@@ -242,7 +242,7 @@ def _cli(job: ExtractJob) -> list[str]:
 def _assert_same_store(a: Path, b: Path) -> None:
     sa, sb = FeatureStore(a, mode="r"), FeatureStore(b, mode="r")
     assert sa.slide_ids() == sb.slide_ids()
-    assert sa.identity() == sb.identity()
+    assert sa.identity == sb.identity
     for sid in sa.slide_ids():
         x, y = sa.read(sid), sb.read(sid)
         np.testing.assert_array_equal(x.coords, y.coords)

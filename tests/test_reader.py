@@ -13,7 +13,7 @@ import tifffile
 
 from wsi import reader as reader_mod
 from wsi.errors import CorruptTileError
-from wsi.reader import PatchBatch, PatchReader, patches_dask_array, prefetch, resize_patch
+from wsi.reader import PatchBatch, PatchReader, ReadSpec, patches_dask_array, prefetch, resize_patch
 from wsi.slide import open_slide
 from wsi.tiff_tiles import TiffTileSource
 from wsi.tiling import make_grid
@@ -196,6 +196,14 @@ def test_resized_mpp_within_resampling_tolerance(tissue, tmp_path):
     assert np.percentile(diff[:-3], 99) <= 16
 
 
+def test_read_positions_snap_near_integer_downsamples():
+    odd = ReadSpec(Path("x.svs"), level=1, downsample=4.00012, size_read=256, patch_size=256)
+    assert odd.scale == 4.0  # odd level sizes, not a real 4.00012 resampling
+    np.testing.assert_array_equal(odd.read_positions([[1792 * 40, 4 * 1001]]), [[448 * 40, 1001]])
+    fractional = ReadSpec(Path("x.svs"), level=1, downsample=1.5, size_read=256, patch_size=256)
+    np.testing.assert_array_equal(fractional.read_positions([[3, 4]]), [[2, 3]])
+
+
 def test_resize_patch_is_area_average():
     rng = np.random.default_rng(0)
     a = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
@@ -288,11 +296,12 @@ def corrupt_tile(path: Path, tx: int, ty: int) -> Path:
     return path
 
 
-def test_corrupt_tile_raises_or_is_skipped(tissue, tmp_path):
+@pytest.mark.parametrize(("size", "n_hit"), [(224, 4), (256, 1)])  # 256: tile decoded into the patch
+def test_corrupt_tile_raises_or_is_skipped(tissue, tmp_path, size, n_hit):
     clean = write_tiff(tmp_path / "clean.svs", tissue, aperio=True)
     bad = corrupt_tile(write_tiff(tmp_path / "bad.svs", tissue, aperio=True), 3, 2)  # x 768.., y 512..
     with open_slide(clean) as slide:
-        grid = make_grid(slide, None, patch_size=224, mpp=slide.mpp, min_tissue=0.0)
+        grid = make_grid(slide, None, patch_size=size, mpp=slide.mpp, min_tissue=0.0)
         want = read_all(PatchReader(slide, grid))
     with open_slide(bad) as slide, pytest.raises(CorruptTileError) as info:
         read_all(PatchReader(slide, grid, workers=2))
@@ -302,13 +311,13 @@ def test_corrupt_tile_raises_or_is_skipped(tissue, tmp_path):
 
     hit = {
         i for i, (x, y) in enumerate(grid.coords)
-        if x < 1024 and x + 224 > 768 and y < 768 and y + 224 > 512
+        if x < 1024 and x + size > 768 and y < 768 and y + size > 512
     }
     for workers in (1, 2):
         with open_slide(bad) as slide:
             reader = PatchReader(slide, grid, skip_corrupt_tiles=True, workers=workers, batch_size=6)
             got = read_all(reader)
-        assert {i for i, _ in reader.skipped} == hit and len(hit) == 4
+        assert {i for i, _ in reader.skipped} == hit and len(hit) == n_hit
         assert all("column 3, row 2" in why for _, why in reader.skipped)
         keep = np.array([i not in hit for i in range(len(grid))])
         np.testing.assert_array_equal(got.indices, np.flatnonzero(keep))
@@ -448,3 +457,34 @@ def test_dask_array_on_distributed_processes():
     ):
         got = client.compute(arr).result()
     np.testing.assert_array_equal(got, want.images)
+
+
+@pytest.mark.slow
+def test_tiling_benchmark_smoke_run():
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run(
+        [sys.executable, str(root / "bench" / "tiling.py"), "--quick", "--size", "4096x3072",
+         "--sample", "20", "--repeat", "1"],
+        capture_output=True, text=True, check=True, timeout=600,
+    ).stdout
+    for needle in ("decode limit", "naive openslide", "naive tiffslide", "slidepipe 2 workers",
+                   "slidepipe 1w / decode limit", "peak RSS", "logical cores"):
+        assert needle in out
+
+
+def test_non_integer_downsample_level_gives_stored_pixels():
+    """tcga level 1 reports downsample 2.0005 (odd sizes): patches are the stored level-1 pixels
+    at x / 2 (OpenSlide would resample at a sub-pixel offset)."""
+    path = REAL / "tcga-cr-7395-01a-01-ts1.svs"
+    with open_slide(path, mpp=0.25) as slide:
+        grid = make_grid(slide, None, patch_size=128, mpp=0.5, min_tissue=0.0)
+        assert grid.read_level == 1 and not grid.needs_resize and grid.read_downsample != 2.0
+        grid = shifted(grid, grid.coords[:: max(1, len(grid) // 25)])
+        got = read_all(PatchReader(slide, grid))
+    with tifffile.TiffFile(path) as tif:
+        level1 = tif.series[0].levels[1].asarray()
+    want = np.stack([level1[y // 2 : y // 2 + 128, x // 2 : x // 2 + 128] for x, y in grid.coords])
+    np.testing.assert_array_equal(got.images, want)

@@ -83,6 +83,7 @@ def test_real_reads_agree_across_backends(real_slides_dir, backend):
             a = ref.read_region((700, 900), 0, (200, 150))
             b = s.read_region((700, 900), 0, (200, 150))
             assert a.shape == b.shape == (150, 200, 3) and b.dtype == np.uint8
+            assert b.flags.writeable and b.flags.c_contiguous
             assert np.abs(a.astype(int) - b.astype(int)).mean() < 1.0
             assert b.std() > 10  # real tissue, not a blank fill
 
@@ -150,6 +151,17 @@ def test_corrupt_tile_names_slide_and_region(bad_slides_dir):
             assert "x=0 y=0 w=16 h=16" in str(err.value)
     again = pickle.loads(pickle.dumps(err.value))
     assert isinstance(again, CorruptTileError) and again.region == (0, 0, 16, 16)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_corrupt_synthetic_tile_then_reads_go_on(corrupt_slide, backend):
+    with open_slide(corrupt_slide, backend=backend) as s:
+        with pytest.raises(CorruptTileError) as err:
+            s.read_region((100, 100), 0, (50, 50))
+        assert "corrupt.svs" in str(err.value) and err.value.region == (100, 100, 50, 50)
+        good = s.read_region((256, 0), 0, (64, 64))  # the handle still works after the failure
+        assert good.std() > 0
+        assert s.thumbnail_at_mpp(8.0)[0].shape == (96, 128, 3)  # coarse levels are intact
 
 
 def test_missing_file_and_bad_arguments(tmp_path):
@@ -283,11 +295,11 @@ def test_thumbnail_uses_coarse_level(aperio_pyramid, backend, monkeypatch):
     assert np.abs(thumb.astype(int) - ref.astype(int)).mean() < 3
 
 
-def test_thumbnail_block_reading_matches_whole(resolution_pyramid, monkeypatch):
-    """A single-level file is read in blocks, each reduced; the result equals a whole-image read."""
+def test_thumbnail_band_reading_matches_whole(resolution_pyramid, monkeypatch):
+    """The thumbnail level is read in full-width bands, each reduced; the result equals one read."""
     with open_slide(resolution_pyramid.path) as s:
-        whole, *_ = s.thumbnail_at_mpp(4.0)  # level 2 (2.0 µm/px), factor 2
-        monkeypatch.setattr(slide_mod, "_STRIP", 32)
+        whole, *_ = s.thumbnail_at_mpp(4.0)  # level 2 (2.0 µm/px, 160 x 128), factor 2
+        monkeypatch.setattr(slide_mod, "_BAND_BYTES", 160 * 3 * 9)  # 9 rows -> bands of 8
         sizes = []
         orig = s.read_region
 
@@ -296,10 +308,10 @@ def test_thumbnail_block_reading_matches_whole(resolution_pyramid, monkeypatch):
             return orig(location, level, size)
 
         monkeypatch.setattr(s, "read_region", spy)
-        blocks, mx, my = s.thumbnail_at_mpp(4.0)
-    assert len(sizes) > 4 and max(max(sz) for sz in sizes) <= 32
-    np.testing.assert_array_equal(blocks, whole)
-    assert blocks.shape == (64, 80, 3) and mx == pytest.approx(4.0)
+        banded, mx, my = s.thumbnail_at_mpp(4.0)
+    assert sizes == [(160, 8)] * 16
+    np.testing.assert_array_equal(banded, whole)
+    assert banded.shape == (64, 80, 3) and mx == pytest.approx(4.0) and my == pytest.approx(4.0)
 
 
 # --------------------------------------------------------------------------- identity, ids, misc

@@ -112,7 +112,7 @@ def test_identity_set_match_mismatch_overwrite(tmp_path):
     store.ensure_identity(IDENTITY)
     store.ensure_identity(IDENTITY)  # same: fine
     store.write("s", *_arrays(3, 16))
-    assert FeatureStore(tmp_path / "f.zarr", mode="r").identity() == IDENTITY
+    assert FeatureStore(tmp_path / "f.zarr", mode="r").identity == IDENTITY
 
     other = {**IDENTITY, "encoder": {"name": "tiny-swin", "weights_id": "random", "dim": 16}}
     with pytest.raises(StoreMismatchError) as err:
@@ -122,7 +122,7 @@ def test_identity_set_match_mismatch_overwrite(tmp_path):
     assert store.slide_ids() == ["s"]
 
     store.ensure_identity(other, overwrite=True)
-    assert store.identity()["encoder"]["name"] == "tiny-swin"
+    assert store.identity["encoder"]["name"] == "tiny-swin"
     assert store.slide_ids() == []  # slides of the old identity are gone
 
 

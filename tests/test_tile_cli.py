@@ -9,10 +9,9 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-import tifffile
 import yaml
 import zarr
-from conftest import pattern_image, write_pyramid
+from conftest import write_pyramid
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -32,7 +31,7 @@ def _job(out: Path, **kw) -> TileJob:
 @pytest.fixture(scope="module")
 def cmu_outputs(real_slides_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("tile-cmu")
-    result = tile_slide(real_slides_dir / "cmu-1-small-region.svs", _job(out))
+    result = tile_slide(real_slides_dir / "cmu-1-small-region.svs", _job(out, save_patches="png"))
     return out, result
 
 
@@ -73,7 +72,7 @@ def test_real_patch_count_plausible_and_stable(real_slides_dir, cmu_outputs, tmp
     _, first = cmu_outputs
     again = tile_slide(real_slides_dir / "cmu-1-small-region.svs", _job(tmp_path))
     assert again.n_patches == first.n_patches
-    assert 0.1 * 88 <= first.n_patches <= 0.8 * 88, first.n_patches
+    assert 0.2 * 88 <= first.n_patches <= 0.6 * 88, first.n_patches
     with h5py.File(tmp_path / "patches" / "cmu-1-small-region_patches.h5", "r") as f:
         coords = f["coords"][:]
     assert (np.lexsort((coords[:, 0], coords[:, 1])) == np.arange(len(coords))).all()  # row-major
@@ -122,33 +121,15 @@ def test_tile_slide_is_picklable_for_dask(tmp_path):
 # --------------------------------------------------------------------------- synthetic slides
 
 
-@pytest.fixture(scope="module")
-def corrupt_slide(tmp_path_factory) -> Path:
-    """Aperio pyramid at 0.5 µm/px, 2048 x 1536, whose level-0 tile at (128, 128) is garbage
-    (the coarser levels, which tissue detection reads, are intact)."""
-    path = write_pyramid(
-        tmp_path_factory.mktemp("corrupt") / "corrupt.svs", pattern_image(2048, 1536), n_levels=3,
-        aperio=True, aperio_mpp=0.5,
-    )
-    with tifffile.TiffFile(path) as tif:
-        page = tif.pages[0]
-        k = 2 * (2048 // 64) + 2
-        offset, count = page.dataoffsets[k], page.databytecounts[k]
-    with path.open("r+b") as f:
-        f.seek(offset + 20)
-        f.write(b"\0" * (count - 40))
-    return path
-
-
-def test_save_patches_match_slide_reads(real_slides_dir, tmp_path):
-    path = real_slides_dir / "cmu-1-small-region.svs"
-    r = tile_slide(path, _job(tmp_path, save_patches="png", tiling={"min_tissue": 0.8}))
-    assert r.status == "done" and r.n_patches > 0
-    files = sorted((tmp_path / "images" / "cmu-1-small-region").glob("*.png"))
-    assert len(files) == r.n_patches
-    x, y = (int(v) for v in files[0].stem.split("_"))
-    with open_slide(path) as s, Image.open(files[0]) as im:
-        np.testing.assert_array_equal(np.asarray(im), s.read_region((x, y), 0, (256, 256)))
+def test_save_patches_match_slide_reads(real_slides_dir, cmu_outputs):
+    out, r = cmu_outputs
+    files = sorted((out / "images" / "cmu-1-small-region").glob("*.png"))
+    assert len(files) == r.n_patches > 0
+    with open_slide(real_slides_dir / "cmu-1-small-region.svs") as s:
+        for f in files[:: max(1, len(files) // 4)]:
+            x, y = (int(v) for v in f.stem.split("_"))
+            with Image.open(f) as im:
+                np.testing.assert_array_equal(np.asarray(im), s.read_region((x, y), 0, (256, 256)))
 
 
 def test_skip_corrupt_tiles(corrupt_slide, tmp_path):
@@ -217,6 +198,11 @@ def test_cli_tile_usage_errors(tmp_path):
     assert runner.invoke(app, ["tile", str(tmp_path / "nothing-*.svs"), "--out", str(tmp_path)]).exit_code == 2
     res = runner.invoke(app, ["tile", "x.svs", "--save-patches", "gif", "--out", str(tmp_path)])
     assert res.exit_code == 2
+    res = runner.invoke(app, ["tile", str(tmp_path), "--out", str(tmp_path / "o")])
+    assert res.exit_code == 2 and "no slide files" in res.output  # an empty directory
+    res = runner.invoke(app, ["tile", str(tmp_path), "--stain", "reinhard", "--out", str(tmp_path / "o")])
+    assert res.exit_code == 2 and "stain-target" in res.output
+    assert not (tmp_path / "o").exists()  # nothing ran
 
 
 def test_cli_help_lists_every_option():

@@ -97,12 +97,19 @@ class ReadSpec:
     def needs_resize(self) -> bool:
         return self.size_read != self.patch_size
 
+    @property
+    def scale(self) -> float:
+        """Level-0 px per read-level px. Pyramids are built by integer factors; a reported
+        downsample like 4.00012 only reflects odd level sizes, so it snaps to the integer."""
+        k = round(self.downsample)
+        return float(k) if k >= 1 and abs(self.downsample - k) <= 1e-3 * k else self.downsample
+
     def read_positions(self, coords: np.ndarray) -> np.ndarray:
-        """Level-0 (x, y) → read-level (x, y), int64 (rounded for non-integer downsamples)."""
+        """Level-0 (x, y) → read-level (x, y), int64 (rounded when not a multiple of ``scale``)."""
         c = np.asarray(coords, np.int64).reshape(-1, 2)
-        if self.downsample == 1.0:
+        if self.scale == 1.0:
             return c.copy()
-        return np.rint(c / self.downsample).astype(np.int64)
+        return np.rint(c / self.scale).astype(np.int64)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -123,7 +130,8 @@ class TileCache:
     """Decoded stored tiles, each decoded once (single flight across threads) and dropped when the
     last patch that needs it (``refcounts``) has released it."""
 
-    def __init__(self, decode: Callable[[int], np.ndarray | None], refcounts: np.ndarray) -> None:
+    def __init__(self, decode: Callable[[int], np.ndarray | None], refcounts: np.ndarray, f: int = 1) -> None:
+        self.f = f  # tiles are held area-reduced by this factor
         self._decode = decode
         self._refcounts = refcounts
         self._entries: dict[int, _Entry] = {}
@@ -150,6 +158,15 @@ class TileCache:
         else:
             entry.done.wait()
         return entry.tile, entry.error
+
+    def take_single(self, key: int) -> bool:
+        """True (and counted as decoded) if exactly one patch needs tile ``key``: the caller
+        decodes it straight into that patch, bypassing the cache."""
+        if self._refcounts[key] != 1:
+            return False
+        with self._lock:
+            self.decoded += 1
+        return True
 
     def release(self, key: int) -> None:
         with self._lock:
@@ -194,7 +211,7 @@ class _DirectSource:
 
     When patches are shrunk by an integer factor ``f`` and every patch starts on an ``f``-block
     that never straddles a stored tile, each decoded tile is area-reduced once in the cache and
-    patches are cut from reduced tiles (``self.f > 1``): the same pixels as cutting then reducing
+    patches are cut from reduced tiles (``cache.f > 1``): the same pixels as cutting then reducing
     each patch, with 1/f² of the copying and no per-patch resize.
     """
 
@@ -204,10 +221,9 @@ class _DirectSource:
         self.tiles = tiles
         self.spec = spec
         self.lv = tiles.levels[spec.level]
-        self.f = 1
 
     def prepare(self, xy: np.ndarray) -> TileCache:
-        """Choose the working resolution for these patches and make their tile cache."""
+        """Choose the working resolution for these patches (``cache.f``) and make their tile cache."""
         lv, spec = self.lv, self.spec
         f = spec.size_read // spec.patch_size
         aligned = (
@@ -218,29 +234,24 @@ class _DirectSource:
             and lv.tile_height % f == 0
             and bool(np.all(xy % f == 0))
         )
-        self.f = f if aligned else 1
+        f = f if aligned else 1
 
         def decode(key: int) -> np.ndarray | None:
             ty, tx = divmod(key, lv.tiles_across)
             tile = self.tiles.decode(spec.level, tx, ty)
-            if tile is None or self.f == 1:
+            if tile is None or f == 1:
                 return tile
             ex, ey = lv.width - tx * lv.tile_width, lv.height - ty * lv.tile_height
             if ex < lv.tile_width or ey < lv.tile_height:  # past the level's edge: white
                 tile = tile.copy()
                 tile[max(ey, 0) :, :] = 255
                 tile[:, max(ex, 0) :] = 255
-            return box_reduce(tile, self.f)
+            return box_reduce(tile, f)
 
-        return TileCache(decode, tile_refcounts(xy, spec.size_read, lv))
-
-    @property
-    def out_size(self) -> int:
-        """Side of what ``read_patch`` cuts: the read size, or the patch size when reduced."""
-        return self.spec.size_read // self.f
+        return TileCache(decode, tile_refcounts(xy, spec.size_read, lv), f)
 
     def _tile_region(self, tx: int, ty: int) -> tuple[int, int, int, int]:
-        ds, lv = self.spec.downsample, self.lv
+        ds, lv = self.spec.scale, self.lv
         return (
             round(tx * lv.tile_width * ds),
             round(ty * lv.tile_height * ds),
@@ -248,11 +259,18 @@ class _DirectSource:
             round(lv.tile_height * ds),
         )
 
+    def _corrupt(self, tx: int, ty: int, err: BaseException) -> CorruptTileError:
+        return CorruptTileError(
+            self.tiles.path,
+            f"stored tile (column {tx}, row {ty}) of level {self.spec.level} could not be decoded ({err})",
+            region=self._tile_region(tx, ty),
+        )
+
     def read_patch(self, x: int, y: int, out: np.ndarray, cache: TileCache) -> CorruptTileError | None:
-        """Cut the patch at read-level (x, y) into ``out`` (``out_size``², 3); returns the error of
-        a corrupt tile it touches (``out`` is then garbage) or None."""
-        lv, f = self.lv, self.f
-        s = self.out_size
+        """Cut the patch at read-level (x, y) into ``out`` (side ``size_read // cache.f``); returns
+        the error of a corrupt tile it touches (``out`` is then garbage) or None."""
+        lv, f = self.lv, cache.f
+        s = self.spec.size_read // f
         tw, th = lv.tile_width // f, lv.tile_height // f
         width, height = -(-lv.width // f), -(-lv.height // f)
         x, y = x // f, y // f
@@ -262,6 +280,14 @@ class _DirectSource:
             out[...] = 255  # outside the level: white, as Slide.read_region
         if x1 <= x0 or y1 <= y0:
             return None
+        if f == 1 and s == tw == th and x % tw == 0 and y % th == 0 and x1 - x0 == y1 - y0 == s:
+            key = (y // th) * lv.tiles_across + x // tw
+            if cache.take_single(key):  # only this patch needs the tile: decode into the output
+                try:
+                    self.tiles.decode(self.spec.level, x // tw, y // th, out=out)
+                except (TileDecodeError, OSError) as err:
+                    return self._corrupt(x // tw, y // th, err)
+                return None
         failure: CorruptTileError | None = None
         keys = []
         for ty in range(y0 // th, (y1 - 1) // th + 1):
@@ -277,12 +303,7 @@ class _DirectSource:
                             cache.release(k)
                         raise err
                     if failure is None:
-                        failure = CorruptTileError(
-                            self.tiles.path,
-                            f"stored tile (column {tx}, row {ty}) of level {self.spec.level} "
-                            f"could not be decoded ({err})",
-                            region=self._tile_region(tx, ty),
-                        )
+                        failure = self._corrupt(tx, ty, err)
                     continue
                 if failure is not None:
                     continue
@@ -330,7 +351,7 @@ class _RegionSource:
         return s
 
     def read(self, x: int, y: int, w: int, h: int) -> np.ndarray:
-        ds = self.spec.downsample
+        ds = self.spec.scale
         return self.slide().read_region((round(x * ds), round(y * ds)), self.spec.level, (w, h))
 
     def read_runs(self, xy: np.ndarray) -> list[tuple[int, int]]:
@@ -408,7 +429,7 @@ def _read_batch(
 
     if isinstance(source, _DirectSource):
         assert cache is not None
-        if source.out_size == p:
+        if spec.size_read // cache.f == p:
             scratch = None
         for j in range(n):
             buf = images[j] if scratch is None else scratch

@@ -37,7 +37,7 @@ SLIDE_SUFFIXES = (
 MAX_PLAUSIBLE_MPP = 10.0  # µm/px; coarser "resolution tags" are screen/print DPI, not a microscope
 MIN_PLAUSIBLE_MPP = 0.01
 _MIB = 1 << 20
-_STRIP = 2048  # px per side of the blocks a thumbnail is built from
+_BAND_BYTES = 64 * _MIB  # a thumbnail is built from full-width bands of about this many bytes
 
 
 def slide_id_for(path: str | Path) -> str:
@@ -75,17 +75,22 @@ def _inspect_tiff(path: Path) -> None:
     except Exception:  # not a TIFF: nothing to inspect here
         return
     with tif:
-        if not tif.series:
+        try:
+            if not tif.series:
+                return
+            series = tif.series[0]
+            page = series.keyframe
+            dtype = np.dtype(page.dtype) if page.dtype is not None else None
+            spp = int(page.samplesperpixel)
+            photometric = int(page.photometric)
+            axes = series.axes
+            n_channels = series.shape[axes.index("C")] if "C" in axes else None
+            is_qpi = bool(tif.is_qpi)
+        except Exception as err:  # an odd TIFF layout: let the backends decide
+            logger.debug("%s: TIFF inspection skipped (%s)", path, err)
             return
-        series = tif.series[0]
-        page = series.keyframe
-        dtype = np.dtype(page.dtype) if page.dtype is not None else None
-        spp = int(page.samplesperpixel)
-        photometric = int(page.photometric)
-        axes = series.axes
-        n_channels = series.shape[axes.index("C")] if "C" in axes else None
-        if tif.is_qpi or (n_channels is not None and n_channels not in (3, 4)):
-            kind = "PerkinElmer/Vectra QPTIFF" if tif.is_qpi else "multi-channel TIFF"
+        if is_qpi or (n_channels is not None and n_channels not in (3, 4)):
+            kind = "PerkinElmer/Vectra QPTIFF" if is_qpi else "multi-channel TIFF"
             raise UnsupportedSlideError(
                 path,
                 f"multiplexed fluorescence image ({kind}, {n_channels or spp} channel(s) of "
@@ -136,7 +141,11 @@ def _decode_errors(backend: Backend) -> tuple[type[BaseException], ...]:
         import openslide
 
         return (openslide.OpenSlideError,)
-    return (Exception,)  # tiffslide surfaces codec errors of imagecodecs (many types)
+    import zlib
+
+    # tiffslide surfaces imagecodecs codec errors (RuntimeError subclasses), tifffile's ValueError
+    # for unknown codecs, OSError/EOFError for truncated files, zlib.error for bad Deflate data
+    return (RuntimeError, ValueError, OSError, EOFError, zlib.error)
 
 
 def _short(err: BaseException) -> str:
@@ -311,6 +320,8 @@ class Slide:
         cx0, cy0 = max(0, math.ceil(-lx0)), max(0, math.ceil(-ly0))
         cx1 = min(w, math.floor(lw - lx0))
         cy1 = min(h, math.floor(lh - ly0))
+        if (cx0, cy0, cx1, cy1) == (0, 0, w, h):  # fully inside: no canvas
+            return self._read((x, y), level, (w, h))
         out = np.full((h, w, 3), 255, dtype=np.uint8)
         if cx1 <= cx0 or cy1 <= cy0:
             return out
@@ -324,7 +335,6 @@ class Slide:
             raise ValueError(f"{self.path}: slide is closed")
         try:
             img = handle.read_region(loc0, level, size)
-            arr = np.asarray(img)
         except _decode_errors(self.backend) as err:
             ds = self.level_downsamples[level]
             region = (loc0[0], loc0[1], round(size[0] * ds), round(size[1] * ds))
@@ -332,7 +342,9 @@ class Slide:
             raise CorruptTileError(
                 self.path, f"pixel data could not be decoded ({_short(err)})", region=region
             ) from err
-        return _to_rgb(arr)
+        if isinstance(img, Image.Image):
+            return _pil_to_rgb(img)
+        return _to_rgb(np.asarray(img))
 
     def _reopen_after_error(self) -> None:
         """openslide handles are unusable after a decode error: swap in a fresh one."""
@@ -377,8 +389,9 @@ class Slide:
         """The whole slide at about ``mpp`` µm/px: ``(rgb, actual_mpp_x, actual_mpp_y)``.
 
         Built from the coarsest level with mpp ≤ target (never level 0 when a coarser level
-        suffices), read in blocks that are each block-averaged by an integer factor, then
-        Lanczos-resized the rest of the way — so a big single-level file is never held whole.
+        suffices), read in full-width bands (~64 MiB; whole strips of a striped TIFF) that are
+        each box-averaged by an integer factor, then Lanczos-resized the rest of the way — so a
+        big single-level file is never held whole.
         """
         w0, h0 = self.dimensions
         mpp_x = self.mpp
@@ -389,19 +402,12 @@ class Slide:
         lw, lh = self.level_dimensions[level]
         ds = self.level_downsamples[level]
         factor = max(1, int(min(lw / out_w, lh / out_h)))
-        block = max(factor, (_STRIP // factor) * factor)
-        rows = []
-        for by in range(0, lh, block):
-            row = []
-            bh = min(block, lh - by)
-            for bx in range(0, lw, block):
-                bw = min(block, lw - bx)
-                tile = self.read_region((round(bx * ds), round(by * ds)), level, (bw, bh))
-                if factor > 1:
-                    tile = np.asarray(Image.fromarray(tile).reduce(factor))
-                row.append(tile)
-            rows.append(np.concatenate(row, axis=1))
-        reduced = np.concatenate(rows, axis=0)
+        band = max(factor, (_BAND_BYTES // (3 * lw)) // factor * factor)
+        bands = []
+        for by in range(0, lh, band):
+            strip = self.read_region((0, round(by * ds)), level, (lw, min(band, lh - by)))
+            bands.append(np.asarray(Image.fromarray(strip).reduce(factor)) if factor > 1 else strip)
+        reduced = bands[0] if len(bands) == 1 else np.concatenate(bands, axis=0)
         thumb = resize_rgb(reduced, (out_w, out_h))
         return thumb, w0 * mpp_x / out_w, h0 * mpp_y / out_h
 
@@ -425,6 +431,18 @@ class Slide:
         }
 
 
+def _pil_to_rgb(img: Image.Image) -> np.ndarray:
+    """PIL image → writable RGB uint8 array, compositing alpha on white (Pillow's C paths)."""
+    if img.mode == "RGBA":
+        lo, _ = img.getchannel("A").getextrema()
+        if lo < 255:
+            img = Image.alpha_composite(Image.new("RGBA", img.size, (255, 255, 255, 255)), img)
+        img = img.convert("RGB")
+    elif img.mode != "RGB":
+        return _to_rgb(np.asarray(img))
+    return np.array(img)
+
+
 def _to_rgb(arr: np.ndarray) -> np.ndarray:
     """RGB(A)/gray array → RGB uint8, compositing alpha on white."""
     if arr.ndim == 2:
@@ -437,7 +455,8 @@ def _to_rgb(arr: np.ndarray) -> np.ndarray:
             return np.ascontiguousarray(arr[..., :3])
         rgb = arr[..., :3].astype(np.uint16)
         return ((rgb * alpha + 255 * (255 - alpha) + 127) // 255).astype(np.uint8)
-    return np.ascontiguousarray(arr[..., :3])
+    rgb = np.ascontiguousarray(arr[..., :3])
+    return rgb if rgb.flags.writeable else rgb.copy()  # PIL-backed arrays are read-only
 
 
 def resize_rgb(rgb: np.ndarray, size: tuple[int, int]) -> np.ndarray:

@@ -27,6 +27,7 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
+import numba
 import numpy as np
 
 from wsi import stain_kernels as K
@@ -298,6 +299,7 @@ class MacenkoNormalizer(StainNormalizer):
             out,
             he,
             maxc,
+            numba.get_num_threads(),
         )
         self.last_stain_matrices = he
         self._count(status)
@@ -410,6 +412,7 @@ class ReinhardNormalizer(StainNormalizer):
             self.target_stds,
             out,
             stats,
+            numba.get_num_threads(),
         )
         self._count(status)
         return out
@@ -507,7 +510,9 @@ class VahadaneNormalizer(StainNormalizer):
         flat = px.reshape(-1, 3)
         max_c = np.empty(2)
         work = np.empty((3, len(flat)))
-        K.vahadane_max_conc(flat, self._od255, d, self.lambda_conc, work[0], work[1], max_c, work[2])
+        K.vahadane_max_conc(
+            flat, self._od255, d, self.lambda_conc, work[0], work[1], max_c, work[2]
+        )
         if not (max_c > 1e-6).all():
             raise StainError(
                 "reference image: one stain is absent in the Vahadane fit. Fix: use a reference "
@@ -562,6 +567,7 @@ class VahadaneNormalizer(StainNormalizer):
             self.lambda_conc,
             out,
             maxc,
+            numba.get_num_threads(),
         )
         self._count(status)
         return out
@@ -689,7 +695,11 @@ def _torch_rgb_to_lab(lin: torch.Tensor) -> torch.Tensor:
     xyz = xyz / torch.as_tensor(K.WHITE, dtype=dt, device=dev)
     f = torch.where(xyz > 0.008856, torch.pow(xyz.clamp(min=0), 1.0 / 3.0), 7.787 * xyz + 16 / 116)
     return torch.stack(
-        (116.0 * f[..., 1] - 16.0, 500.0 * (f[..., 0] - f[..., 1]), 200.0 * (f[..., 1] - f[..., 2])),
+        (
+            116.0 * f[..., 1] - 16.0,
+            500.0 * (f[..., 0] - f[..., 1]),
+            200.0 * (f[..., 1] - f[..., 2]),
+        ),
         dim=-1,
     )
 
@@ -763,7 +773,9 @@ def read_rgb(path: str | Path) -> np.ndarray:
         return np.ascontiguousarray(a[..., :3])
 
 
-def load_normalizer(method: str, target: str | Path | None = None, **kwargs: Any) -> StainNormalizer:
+def load_normalizer(
+    method: str, target: str | Path | None = None, **kwargs: Any
+) -> StainNormalizer:
     """A ready normaliser: fitted on ``target`` (RGB image path) or loaded from a saved JSON.
 
     ``method="none"`` ignores the target. For Macenko, ``target=None`` uses torchstain's default

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import get_num_threads, get_thread_id, njit, prange
+from numba import njit, prange
 
 OK = 0
 PASSTHROUGH = 1
@@ -64,7 +64,7 @@ def srgb_thresholds() -> np.ndarray:
 # selection and percentiles
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, error_model="numpy")
 def _select(a, n, k):
     """k-th smallest of ``a[:n]`` (quickselect in place); afterwards ``a[k+1:n] >= a[k]``."""
     lo = 0
@@ -99,7 +99,7 @@ def _select(a, n, k):
     return a[k]
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, error_model="numpy")
 def _percentile_pair(a, n, q):
     """Order statistics and weight for numpy's linear ``percentile(a[:n], q)`` (q in 0..100)."""
     qq = q / 100.0
@@ -120,7 +120,7 @@ def _percentile_pair(a, n, q):
     return lo_val, hi_val, gamma
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, error_model="numpy")
 def _lerp(a, b, t):
     """numpy's ``_lerp`` (the exact interpolation used by ``np.percentile``)."""
     d = b - a
@@ -129,7 +129,7 @@ def _lerp(a, b, t):
     return a + d * t
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, error_model="numpy")
 def percentile(a, n, q):
     """``np.percentile(a[:n], q)`` (linear); reorders ``a[:n]``."""
     lo, hi, t = _percentile_pair(a, n, q)
@@ -139,7 +139,7 @@ def percentile(a, n, q):
 _NBINS = 4096
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, error_model="numpy")
 def _bin(v, vmin, scale):
     b = int((v - vmin) * scale)
     if b < 0:
@@ -149,7 +149,7 @@ def _bin(v, vmin, scale):
     return b
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, error_model="numpy")
 def _quantile_index(n, q):
     """numpy's linear-method virtual index: (rank below, rank above, weight)."""
     qq = q / 100.0
@@ -162,7 +162,7 @@ def _quantile_index(n, q):
     return prev, min(prev + 1, n - 1), virtual - prev
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, error_model="numpy")
 def _rank_bins(counts, r0, r1):
     """Histogram bins holding ranks r0 <= r1, and the number of values below the first."""
     cum = 0
@@ -180,7 +180,7 @@ def _rank_bins(counts, r0, r1):
     return b_lo, b_hi, before
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, error_model="numpy")
 def _pick(scratch, m, r, need_next):
     """r-th and (r+1)-th smallest of ``scratch[:m]``."""
     lo = _select(scratch, m, r)
@@ -193,7 +193,7 @@ def _pick(scratch, m, r, need_next):
     return lo, hi
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, error_model="numpy")
 def percentile_pair_fast(a, n, q, vmin, vmax, scratch):
     """As :func:`_percentile_pair` for values in ``[vmin, vmax]``, in two linear passes: a
     histogram finds the bins holding the two order statistics, an exact selection among the
@@ -216,7 +216,7 @@ def percentile_pair_fast(a, n, q, vmin, vmax, scratch):
     return lo, hi, gamma
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, error_model="numpy")
 def percentile_fast(a, n, q, vmin, vmax, scratch):
     """``np.percentile(a[:n], q)`` (linear) for values in ``[vmin, vmax]``; see above."""
     lo, hi, t = percentile_pair_fast(a, n, q, vmin, vmax, scratch)
@@ -227,7 +227,7 @@ def percentile_fast(a, n, q, vmin, vmax, scratch):
 # tissue
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, error_model="numpy")
 def _is_stain_like(o0, o1, o2, beta):
     """Pixel absorbs in every channel (OD >= beta) and is not pen ink."""
     if o0 < beta or o1 < beta or o2 < beta:
@@ -237,7 +237,7 @@ def _is_stain_like(o0, o1, o2, beta):
     return not (o0 < _RED_INK_RED_OVER_GREEN * o1 and o2 > _RED_INK_BLUE_OVER_GREEN * o1)
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, error_model="numpy")
 def _stain_like_count(px, lut, beta):
     cnt = 0
     for p in range(px.shape[0]):
@@ -246,7 +246,7 @@ def _stain_like_count(px, lut, beta):
     return cnt
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, error_model="numpy")
 def stain_like_fraction(batch, lut, beta):
     """Per patch: fraction of stain-like pixels (OD >= beta in all channels, not pen ink)."""
     n = batch.shape[0]
@@ -262,7 +262,7 @@ def stain_like_fraction(batch, lut, beta):
 # Macenko
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, error_model="numpy")
 def _pseudo_angle(y, x):
     """Strictly increasing function of ``atan2(y, x)`` on (-pi, pi], without a transcendental."""
     s = abs(x) + abs(y)
@@ -274,7 +274,7 @@ def _pseudo_angle(y, x):
     return 1.0 - p
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, error_model="numpy")
 def _angle_of_pseudo(v):
     if v < 0.0:
         p = v + 1.0
@@ -283,14 +283,14 @@ def _angle_of_pseudo(v):
     return math.atan2(1.0 - abs(p), p)
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, error_model="numpy")
 def _not_pen(o0, o1, o2):
     if o0 > _PEN_RED_OVER_GREEN * o1:
         return False
     return not (o0 < _RED_INK_RED_OVER_GREEN * o1 and o2 > _RED_INK_BLUE_OVER_GREEN * o1)
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, error_model="numpy")
 def macenko_estimate(px, lut, alpha, beta, he, max_c, pinv, s_a, s_b, v0, v1):
     """Stain matrix ``he`` (3x2, H then E), its pseudo-inverse ``pinv`` (2x3) and the
     99th-percentile concentrations ``max_c`` of one image ``px`` (P, 3), as torchstain's numpy
@@ -462,11 +462,13 @@ def macenko_estimate(px, lut, alpha, beta, he, max_c, pinv, s_a, s_b, v0, v1):
     return ok, ns
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, error_model="numpy")
 def _macenko_patch(px, dst, lut, io, alpha, beta, he_ref, max_c_ref, min_tissue, he, maxc, work):
     npx = px.shape[0]
     pinv = np.empty((2, 3))
-    ok, ns = macenko_estimate(px, lut, alpha, beta, he, maxc, pinv, work[0], work[1], work[2], work[3])
+    ok, ns = macenko_estimate(
+        px, lut, alpha, beta, he, maxc, pinv, work[0], work[1], work[2], work[3]
+    )
     if not ok or ns < max(min_tissue * npx, 3.0):
         dst[:, :] = px
         return PASSTHROUGH
@@ -491,29 +493,36 @@ def _macenko_patch(px, dst, lut, io, alpha, beta, he_ref, max_c_ref, min_tissue,
     return OK
 
 
-@njit(parallel=True, cache=True)
-def macenko_batch(batch, lut, io, alpha, beta, he_ref, max_c_ref, min_tissue, out, he_out, maxc_out):
+@njit(parallel=True, cache=True, error_model="numpy")
+def macenko_batch(
+    batch, lut, io, alpha, beta, he_ref, max_c_ref, min_tissue, out, he_out, maxc_out, n_workers
+):
     """Normalise every patch of ``batch`` into ``out``; per-patch stain matrices and max
-    concentrations go to ``he_out`` (N, 3, 2) and ``maxc_out`` (N, 2). Returns status (N,)."""
+    concentrations go to ``he_out`` (N, 3, 2) and ``maxc_out`` (N, 2). Returns status (N,).
+
+    ``n_workers`` parallel lanes (``numba.get_num_threads()``) each own one scratch buffer and
+    take every ``n_workers``-th patch."""
     n = batch.shape[0]
     npx = batch.shape[1] * batch.shape[2]
     status = np.zeros(n, np.int8)
-    work = np.empty((get_num_threads(), 4, npx))  # per-thread scratch, allocated once
-    for i in prange(n):
-        status[i] = _macenko_patch(
-            batch[i].reshape((npx, 3)),
-            out[i].reshape((npx, 3)),
-            lut,
-            io,
-            alpha,
-            beta,
-            he_ref,
-            max_c_ref,
-            min_tissue,
-            he_out[i],
-            maxc_out[i],
-            work[get_thread_id()],
-        )
+    lanes = max(1, min(n_workers, n))
+    work = np.empty((lanes, 4, npx))
+    for lane in prange(lanes):
+        for i in range(lane, n, lanes):
+            status[i] = _macenko_patch(
+                batch[i].reshape((npx, 3)),
+                out[i].reshape((npx, 3)),
+                lut,
+                io,
+                alpha,
+                beta,
+                he_ref,
+                max_c_ref,
+                min_tissue,
+                he_out[i],
+                maxc_out[i],
+                work[lane],
+            )
     return status
 
 
@@ -539,7 +548,9 @@ def _halley_cbrt(y, t):
 def _lab_f_v(t):
     """LAB f(t); the cube root branch is exact to ~1e-14 for t in (0.008856, 1.07]."""
     tc = min(max(t, 0.008856), 1.07)
-    y = (_CBRT_P[0] + tc * (_CBRT_P[1] + tc * _CBRT_P[2])) / (1.0 + tc * (_CBRT_Q[0] + tc * _CBRT_Q[1]))
+    y = (_CBRT_P[0] + tc * (_CBRT_P[1] + tc * _CBRT_P[2])) / (
+        1.0 + tc * (_CBRT_Q[0] + tc * _CBRT_Q[1])
+    )
     y = _halley_cbrt(_halley_cbrt(y, tc), tc)
     return y if t > 0.008856 else 7.787 * t + 16.0 / 116.0
 
@@ -629,7 +640,7 @@ def _lab_to_rgb8(ll, aa, bb, mean, s, mean_t, r8, g8, b8):
         b8[p] = _srgb8_v(XYZ2RGB[2, 0] * x + XYZ2RGB[2, 1] * y + XYZ2RGB[2, 2] * z)
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, error_model="numpy")
 def _lab_moments(px, od, beta, mean, std, tx, ty, tz):
     ns = _xyz_planes(px, od, beta, tx, ty, tz)
     _lab_from_xyz(tx, ty, tz)
@@ -639,14 +650,14 @@ def _lab_moments(px, od, beta, mean, std, tx, ty, tz):
     return ns
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, error_model="numpy")
 def lab_stats(px, od, beta, mean, std):
     """Mean and population std of L, a, b over all pixels of ``px`` (P, 3)."""
     n = px.shape[0]
     _lab_moments(px, od, beta, mean, std, np.empty(n), np.empty(n), np.empty(n))
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, error_model="numpy")
 def _reinhard_patch(px, dst, od, beta, min_tissue, mean_t, std_t, mean, std, work, planes):
     npx = px.shape[0]
     ll = work[0]
@@ -669,30 +680,31 @@ def _reinhard_patch(px, dst, od, beta, min_tissue, mean_t, std_t, mean, std, wor
     return OK
 
 
-@njit(parallel=True, cache=True)
-def reinhard_batch(batch, od, beta, min_tissue, mean_t, std_t, out, stats_out):
+@njit(parallel=True, cache=True, error_model="numpy")
+def reinhard_batch(batch, od, beta, min_tissue, mean_t, std_t, out, stats_out, n_workers):
     """Reinhard colour transfer of every patch to the target LAB mean/std; per-patch source
-    statistics to ``stats_out`` (N, 2, 3). Returns status (N,)."""
+    statistics to ``stats_out`` (N, 2, 3). Returns status (N,). Lanes as in macenko_batch."""
     n = batch.shape[0]
     npx = batch.shape[1] * batch.shape[2]
     status = np.zeros(n, np.int8)
-    work = np.empty((get_num_threads(), 3, npx))  # per-thread scratch, allocated once
-    planes = np.empty((get_num_threads(), 3, npx), np.uint8)
-    for i in prange(n):
-        tid = get_thread_id()
-        status[i] = _reinhard_patch(
-            batch[i].reshape((npx, 3)),
-            out[i].reshape((npx, 3)),
-            od,
-            beta,
-            min_tissue,
-            mean_t,
-            std_t,
-            stats_out[i, 0],
-            stats_out[i, 1],
-            work[tid],
-            planes[tid],
-        )
+    lanes = max(1, min(n_workers, n))
+    work = np.empty((lanes, 3, npx))
+    planes = np.empty((lanes, 3, npx), np.uint8)
+    for lane in prange(lanes):
+        for i in range(lane, n, lanes):
+            status[i] = _reinhard_patch(
+                batch[i].reshape((npx, 3)),
+                out[i].reshape((npx, 3)),
+                od,
+                beta,
+                min_tissue,
+                mean_t,
+                std_t,
+                stats_out[i, 0],
+                stats_out[i, 1],
+                work[lane],
+                planes[lane],
+            )
     return status
 
 
@@ -700,7 +712,7 @@ def reinhard_batch(batch, od, beta, min_tissue, mean_t, std_t, out, stats_out):
 # Vahadane (sparse non-negative dictionary learning; 2 stains, exact 2-variable lasso)
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, error_model="numpy")
 def _nn_lasso2(x0, x1, x2, d, g00, g01, g11, lam, a):
     """argmin_{a>=0} 0.5||x - a @ d||^2 + lam * sum(a) for d (2, 3): exact active-set solve."""
     c0 = d[0, 0] * x0 + d[0, 1] * x1 + d[0, 2] * x2 - lam
@@ -726,7 +738,7 @@ def _nn_lasso2(x0, x1, x2, d, g00, g01, g11, lam, a):
         a[1] = u1
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, error_model="numpy")
 def _gram(d):
     g00 = d[0, 0] * d[0, 0] + d[0, 1] * d[0, 1] + d[0, 2] * d[0, 2]
     g01 = d[0, 0] * d[1, 0] + d[0, 1] * d[1, 1] + d[0, 2] * d[1, 2]
@@ -734,7 +746,7 @@ def _gram(d):
     return g00, g01, g11
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def vahadane_dictionary(x, d, lam, n_iter):
     """Sparse NMF of OD rows ``x`` (P, 3): ``x ~ a @ d`` with ``a >= 0`` (L1 weight ``lam``) and
     non-negative atoms ``d`` (2, 3) of norm <= 1 (spams ``trainDL`` mode 2, posAlpha, posD),
@@ -780,7 +792,7 @@ def vahadane_dictionary(x, d, lam, n_iter):
             d[1, c] = t
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, error_model="numpy")
 def vahadane_max_conc(px, lut, d, lam, c0, c1, max_c, scratch):
     """99th percentile of each stain's concentrations over all pixels of ``px`` (P, 3)."""
     npx = px.shape[0]
@@ -798,7 +810,7 @@ def vahadane_max_conc(px, lut, d, lam, c0, c1, max_c, scratch):
     max_c[1] = percentile_fast(c1, npx, 99.0, 0.0, hi1, scratch)
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, error_model="numpy")
 def _vahadane_patch(
     px, dst, od240, od255, beta, min_tissue, d_src, d_tgt, max_c_tgt, lam, maxc, work
 ):
@@ -823,35 +835,37 @@ def _vahadane_patch(
     return OK
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, error_model="numpy")
 def vahadane_batch(
-    batch, od240, od255, beta, min_tissue, d_src, d_tgt, max_c_tgt, lam, out, maxc_out
+    batch, od240, od255, beta, min_tissue, d_src, d_tgt, max_c_tgt, lam, out, maxc_out, n_workers
 ):
     """Map every patch from source stains ``d_src`` to target stains ``d_tgt`` (both (2, 3)),
     scaling each stain's concentration by ``max_c_tgt / (patch 99th percentile)``."""
     n = batch.shape[0]
     npx = batch.shape[1] * batch.shape[2]
     status = np.zeros(n, np.int8)
-    work = np.empty((get_num_threads(), 3, npx))  # per-thread scratch, allocated once
-    for i in prange(n):
-        status[i] = _vahadane_patch(
-            batch[i].reshape((npx, 3)),
-            out[i].reshape((npx, 3)),
-            od240,
-            od255,
-            beta,
-            min_tissue,
-            d_src,
-            d_tgt,
-            max_c_tgt,
-            lam,
-            maxc_out[i],
-            work[get_thread_id()],
-        )
+    lanes = max(1, min(n_workers, n))
+    work = np.empty((lanes, 3, npx))
+    for lane in prange(lanes):
+        for i in range(lane, n, lanes):
+            status[i] = _vahadane_patch(
+                batch[i].reshape((npx, 3)),
+                out[i].reshape((npx, 3)),
+                od240,
+                od255,
+                beta,
+                min_tissue,
+                d_src,
+                d_tgt,
+                max_c_tgt,
+                lam,
+                maxc_out[i],
+                work[lane],
+            )
     return status
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def gather_stain_like_od(batch, od240, od255, beta, stride):
     """OD (staintools convention) of every ``stride``-th stain-like pixel of a batch (M, 3)."""
     n = batch.shape[0]

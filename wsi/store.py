@@ -200,6 +200,7 @@ class FeatureStore:
         """Root attributes (a copy): format version, encoder, tiling, stain, config."""
         return dict(zarr.open_group(self.path, mode="r").attrs.asdict())
 
+    @property
     def identity(self) -> dict[str, Any]:
         """The store identity: the root attrs named in ``IDENTITY_KEYS`` that are set."""
         attrs = self.attrs

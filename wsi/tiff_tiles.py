@@ -142,15 +142,17 @@ class TiffTileSource:
             raise TileDecodeError(f"file truncated: {len(data)} of {n} bytes at offset {lv.offsets[i]}")
         return data
 
-    def decode_bytes(self, level: int, index: int, data: bytes) -> np.ndarray:
-        """Decode one stored tile's bytes to ``(tile_h, tile_w, 3) uint8``."""
+    def decode_bytes(self, level: int, index: int, data: bytes, out: np.ndarray | None = None) -> np.ndarray:
+        """Decode one stored tile's bytes to ``(tile_h, tile_w, 3) uint8`` (into ``out`` if given)."""
         import imagecodecs
 
         lv = self.levels[level]
         try:
             if lv.compression == JPEG:
                 cs, out_cs = lv.colorspaces
-                tile = imagecodecs.jpeg8_decode(data, tables=lv.jpegtables, colorspace=cs, outcolorspace=out_cs)
+                tile = imagecodecs.jpeg8_decode(
+                    data, tables=lv.jpegtables, colorspace=cs, outcolorspace=out_cs, out=out
+                )
             else:
                 tile, _, _ = lv.decoder(data, index, jpegtables=lv.jpegtables)
                 tile = tile.reshape(tile.shape[-3:])
@@ -161,16 +163,21 @@ class TiffTileSource:
                 f"decoded tile has shape {tile.shape} {tile.dtype}, expected "
                 f"({lv.tile_height}, {lv.tile_width}, 3) uint8"
             )
+        if out is not None and tile is not out:
+            out[...] = tile
+            return out
         return tile
 
-    def decode(self, level: int, tx: int, ty: int) -> np.ndarray | None:
-        """Tile (tx, ty) of ``level`` as ``(tile_h, tile_w, 3) uint8``; None for a missing tile
-        (rendered as white, as OpenSlide renders it transparent). Raises TileDecodeError."""
+    def decode(self, level: int, tx: int, ty: int, out: np.ndarray | None = None) -> np.ndarray | None:
+        """Tile (tx, ty) of ``level`` as ``(tile_h, tile_w, 3) uint8`` (into ``out`` if given); None
+        for a missing tile, which renders white (OpenSlide: transparent). Raises TileDecodeError."""
         data = self.tile_bytes(level, tx, ty)
         if not data:
+            if out is not None:
+                out[...] = 255
             return None
         lv = self.levels[level]
-        return self.decode_bytes(level, ty * lv.tiles_across + tx, data)
+        return self.decode_bytes(level, ty * lv.tiles_across + tx, data, out)
 
     def close(self) -> None:
         fd, self._fd = self._fd, None

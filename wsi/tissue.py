@@ -220,8 +220,12 @@ def _ink_class(r: float, g: float, b: float, rs: float, gs: float, bs: float) ->
             hue = 60.0 * ((b - r) / chroma + 2.0)
         else:
             hue = 60.0 * ((r - g) / chroma + 4.0)
-        if (70.0 <= hue < 200.0 and s >= 0.15) or (200.0 <= hue < 232.0 and s >= 0.25):
-            cls = _INK_GREEN_BLUE  # green / cyan / blue pen: hues stains do not reach
+        if (
+            (70.0 <= hue < 200.0 and s >= 0.15)
+            or (200.0 <= hue < 232.0 and s >= 0.25)
+            or (232.0 <= hue < 260.0 and s >= 0.8)
+        ):
+            cls = _INK_GREEN_BLUE  # green / cyan / blue pen: hues (or purity) stains do not reach
         elif 70.0 <= hue < 200.0 or (200.0 <= hue < 232.0 and s >= 0.15):
             cls = _INK_GREEN_BLUE << _WEAK_SHIFT
         if (hue >= 340.0 or hue < 12.0) and s >= 0.6 and mx >= 0.35:
@@ -322,12 +326,12 @@ def _box_blur(rgb: np.ndarray, radius: int) -> np.ndarray:
     for y in prange(h):
         ya, yb = max(y - radius, 0), min(y + radius + 1, h)
         for x in range(w):
-            n = (yb - ya) * (min(x + radius + 1, w) - max(x - radius, 0))
+            inv = 1.0 / ((yb - ya) * (min(x + radius + 1, w) - max(x - radius, 0)))
             for c in range(3):
                 acc = 0
                 for yy in range(ya, yb):
                     acc += horiz[yy, x, c]
-                out[y, x, c] = np.uint8((acc + n // 2) // n)
+                out[y, x, c] = np.uint8(acc * inv + 0.5)
     return out
 
 
@@ -365,13 +369,13 @@ def _otsu(values: np.ndarray, exclude: np.ndarray, nbins: int) -> float:
     return (best_t + 1) / nbins
 
 
-@njit(cache=True, nogil=True, parallel=True)
+@njit(cache=True, nogil=True)
 def _threshold(
     sat: np.ndarray, od: np.ndarray, ink: np.ndarray, sat_t: float, od_t: float
 ) -> np.ndarray:
     h, w = sat.shape
     out = np.zeros((h, w), np.uint8)
-    for y in prange(h):
+    for y in range(h):
         for x in range(w):
             if ink[y, x] == 0 and sat[y, x] >= sat_t and od[y, x] >= od_t:
                 out[y, x] = 1
@@ -386,11 +390,11 @@ def _disk_half_widths(radius: int) -> np.ndarray:
     return half
 
 
-@njit(cache=True, nogil=True, parallel=True)
+@njit(cache=True, nogil=True)
 def _row_prefix(mask: np.ndarray, value: int) -> np.ndarray:
     h, w = mask.shape
     pre = np.zeros((h, w + 1), np.int32)
-    for y in prange(h):
+    for y in range(h):
         acc = 0
         for x in range(w):
             if mask[y, x] == value:
@@ -467,148 +471,182 @@ def _find(parent: np.ndarray, i: int) -> int:
 
 
 @njit(cache=True, nogil=True)
-def _label(mask: np.ndarray, value: int, eight: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Connected components of pixels equal to ``value`` (two-pass union-find).
-
-    Returns ``labels`` (0 = not ``value``, else 1..n), ``areas[n + 1]`` and
-    ``touches_border[n + 1]``.
-    """
+def _runs(mask: np.ndarray, value: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Horizontal runs of pixels equal to ``value``: ``row, start, end`` (exclusive) and, per row,
+    the index of its first run (``row_first[h]`` is the total)."""
     h, w = mask.shape
-    labels = np.zeros((h, w), np.int32)
-    parent = np.zeros(h * w // 2 + 2, np.int32)
-    nxt = 1
-    for y in range(h):
-        for x in range(w):
-            if mask[y, x] != value:
-                continue
-            best = 0
-            # already-visited neighbours: W, NW, N, NE (diagonals only with 8-connectivity)
-            for k in range(4):
-                if k == 0:
-                    yy, xx = y, x - 1
-                elif k == 1:
-                    yy, xx = y - 1, x
-                elif k == 2:
-                    if not eight:
-                        continue
-                    yy, xx = y - 1, x - 1
-                else:
-                    if not eight:
-                        continue
-                    yy, xx = y - 1, x + 1
-                if yy < 0 or xx < 0 or xx >= w:
-                    continue
-                lab = labels[yy, xx]
-                if lab == 0:
-                    continue
-                if best == 0:
-                    best = _find(parent, lab)
-                else:
-                    ra = _find(parent, lab)
-                    if ra != best:
-                        if ra < best:
-                            parent[best] = ra
-                            best = ra
-                        else:
-                            parent[ra] = best
-            if best == 0:
-                if nxt >= parent.shape[0]:
-                    grown = np.zeros(parent.shape[0] * 2, np.int32)
-                    grown[: parent.shape[0]] = parent
-                    parent = grown
-                parent[nxt] = nxt
-                best = nxt
-                nxt += 1
-            labels[y, x] = best
-    # compact labels
-    remap = np.zeros(nxt, np.int32)
     n = 0
-    for i in range(1, nxt):
-        r = _find(parent, i)
-        if r == i:
-            n += 1
-            remap[i] = n
-    areas = np.zeros(n + 1, np.int64)
-    border = np.zeros(n + 1, np.uint8)
     for y in range(h):
+        prev = False
         for x in range(w):
-            lab = labels[y, x]
-            if lab == 0:
-                continue
-            lab = remap[_find(parent, lab)]
-            labels[y, x] = lab
-            areas[lab] += 1
-            if y == 0 or x == 0 or y == h - 1 or x == w - 1:
-                border[lab] = 1
-    return labels, areas, border
+            cur = mask[y, x] == value
+            if cur and not prev:
+                n += 1
+            prev = cur
+    row = np.empty(n, np.int32)
+    start = np.empty(n, np.int32)
+    end = np.empty(n, np.int32)
+    row_first = np.empty(h + 1, np.int64)
+    k = 0
+    for y in range(h):
+        row_first[y] = k
+        x = 0
+        while x < w:
+            if mask[y, x] == value:
+                x0 = x
+                while x < w and mask[y, x] == value:
+                    x += 1
+                row[k], start[k], end[k] = y, x0, x
+                k += 1
+            else:
+                x += 1
+    row_first[h] = k
+    return row, start, end, row_first
+
+
+@njit(cache=True, nogil=True)
+def _label_runs(
+    row: np.ndarray, start: np.ndarray, end: np.ndarray, row_first: np.ndarray, w: int, eight: bool
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Connected components of runs (union-find on runs that overlap the previous row's).
+
+    Returns the component of each run (0..n-1), ``areas[n]`` and ``touches_border[n]``.
+    """
+    n = row.shape[0]
+    h = row_first.shape[0] - 1
+    parent = np.arange(n).astype(np.int64)
+    slack = 1 if eight else 0
+    for y in range(1, h):
+        a, a_end = row_first[y - 1], row_first[y]
+        for k in range(row_first[y], row_first[y + 1]):
+            s0, e0 = start[k] - slack, end[k] + slack
+            while a < a_end and end[a] <= s0:
+                a += 1
+            j = a
+            while j < a_end and start[j] < e0:
+                ra, rb = _find(parent, k), _find(parent, j)
+                if ra != rb:
+                    if ra < rb:
+                        parent[rb] = ra
+                    else:
+                        parent[ra] = rb
+                j += 1
+    comp = np.empty(n, np.int64)
+    remap = np.full(n, -1, np.int64)
+    m = 0
+    for k in range(n):
+        r = _find(parent, k)
+        if remap[r] < 0:
+            remap[r] = m
+            m += 1
+        comp[k] = remap[r]
+    areas = np.zeros(m, np.int64)
+    border = np.zeros(m, np.uint8)
+    for k in range(n):
+        c = comp[k]
+        areas[c] += end[k] - start[k]
+        if row[k] == 0 or row[k] == h - 1 or start[k] == 0 or end[k] == w:
+            border[c] = 1
+    return comp, areas, border
 
 
 @njit(cache=True, nogil=True)
 def _fill_holes(mask: np.ndarray, max_hole_px: float) -> np.ndarray:
-    """Fill background components that do not touch the border and are smaller than ``max_hole_px``."""
-    labels, areas, border = _label(mask, 0, False)
-    out = mask.copy()
+    """Fill background components (4-connected) that do not touch the border and are smaller than
+    ``max_hole_px``."""
     h, w = mask.shape
-    for y in range(h):
-        for x in range(w):
-            lab = labels[y, x]
-            if lab > 0 and border[lab] == 0 and areas[lab] < max_hole_px:
-                out[y, x] = 1
+    row, start, end, first = _runs(mask, 0)
+    comp, areas, border = _label_runs(row, start, end, first, w, False)
+    out = mask.copy()
+    for k in range(row.shape[0]):
+        c = comp[k]
+        if border[c] == 0 and areas[c] < max_hole_px:
+            out[row[k], start[k] : end[k]] = 1
     return out
 
 
 @njit(cache=True, nogil=True)
 def _remove_small(mask: np.ndarray, min_px: float) -> np.ndarray:
     """Drop 8-connected foreground components smaller than ``min_px``."""
-    labels, areas, _ = _label(mask, 1, True)
-    out = np.zeros_like(mask)
     h, w = mask.shape
-    for y in range(h):
-        for x in range(w):
-            lab = labels[y, x]
-            if lab > 0 and areas[lab] >= min_px:
-                out[y, x] = 1
+    row, start, end, first = _runs(mask, 1)
+    comp, areas, _ = _label_runs(row, start, end, first, w, True)
+    out = np.zeros_like(mask)
+    for k in range(row.shape[0]):
+        if areas[comp[k]] >= min_px:
+            out[row[k], start[k] : end[k]] = 1
     return out
 
 
 @njit(cache=True, nogil=True)
-def _grow_into(candidates: np.ndarray, seeds: np.ndarray) -> np.ndarray:
-    """Components of ``candidates | seeds`` (8-connected) that contain a seed pixel."""
-    both = np.maximum(candidates, seeds)
-    labels, areas, _ = _label(both, 1, True)
-    hit = np.zeros(areas.shape[0], np.uint8)
-    h, w = both.shape
-    for y in range(h):
-        for x in range(w):
-            if seeds[y, x] != 0:
-                hit[labels[y, x]] = 1
+def _ink_strokes_kernel(ink: np.ndarray, min_px: float, shift: int) -> np.ndarray:
+    """Per colour class: strong-ink components (8-connected) of at least ``min_px`` pixels, grown
+    into the touching faint ink of the same class (``class << shift``): hysteresis."""
+    h, w = ink.shape
     out = np.zeros((h, w), np.uint8)
-    for y in range(h):
-        for x in range(w):
-            if labels[y, x] > 0 and hit[labels[y, x]] == 1:
-                out[y, x] = 1
+    cls = 1
+    while cls < (1 << shift):
+        weak = cls << shift
+        fam = np.zeros((h, w), np.uint8)
+        n_strong = 0
+        for y in range(h):
+            for x in range(w):
+                v = ink[y, x]
+                if v == cls:
+                    fam[y, x] = 2
+                    n_strong += 1
+                elif v == weak:
+                    fam[y, x] = 1
+        if n_strong >= min_px:
+            # strong components big enough to be strokes
+            row, start, end, first = _runs(fam, 2)
+            comp, areas, _ = _label_runs(row, start, end, first, w, True)
+            for k in range(row.shape[0]):
+                if areas[comp[k]] >= min_px:
+                    fam[row[k], start[k] : end[k]] = 3  # seed
+            # family components (strong or faint) that hold a seed
+            for y in range(h):
+                for x in range(w):
+                    if fam[y, x] == 2:
+                        fam[y, x] = 1
+            seeded = np.zeros((h, w), np.uint8)
+            for y in range(h):
+                for x in range(w):
+                    seeded[y, x] = 1 if fam[y, x] != 0 else 0
+            row, start, end, first = _runs(seeded, 1)
+            comp, areas, _ = _label_runs(row, start, end, first, w, True)
+            hit = np.zeros(areas.shape[0], np.uint8)
+            for k in range(row.shape[0]):
+                for x in range(start[k], end[k]):
+                    if fam[row[k], x] == 3:
+                        hit[comp[k]] = 1
+                        break
+            for k in range(row.shape[0]):
+                if hit[comp[k]]:
+                    out[row[k], start[k] : end[k]] = 1
+        cls <<= 1
     return out
 
 
-@njit(cache=True, nogil=True, parallel=True)
+@njit(cache=True, nogil=True)
 def _and_not(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     h, w = a.shape
     out = np.zeros((h, w), np.uint8)
-    for y in prange(h):
+    for y in range(h):
         for x in range(w):
             if a[y, x] != 0 and b[y, x] == 0:
                 out[y, x] = 1
     return out
 
 
-@njit(cache=True, nogil=True, parallel=True)
+@njit(cache=True, nogil=True)
 def _box_reduce(rgb: np.ndarray, f: int) -> np.ndarray:
     """Area-average an RGB uint8 image by an integer factor (the edge remainder is dropped)."""
     h, w, _ = rgb.shape
     oh, ow = h // f, w // f
     out = np.empty((oh, ow, 3), np.uint8)
     inv = 1.0 / (f * f)
-    for y in prange(oh):
+    for y in range(oh):
         for x in range(ow):
             for c in range(3):
                 s = 0.0
@@ -686,16 +724,8 @@ def tissue_features(rgb: np.ndarray, mpp: float) -> tuple[np.ndarray, np.ndarray
 def _ink_strokes(ink: np.ndarray, p: _Params) -> np.ndarray:
     """Pen strokes: per colour, strong-ink components of a minimum area grown into the touching
     faint ink of the same colour (hysteresis); then dilated a little."""
-    out = np.zeros(ink.shape, np.uint8)
     min_px = max(_MIN_INK_PX, p.area_px(_MIN_INK_AREA_MM2))
-    for cls in (_INK_GREEN_BLUE, _INK_RED, _INK_BLACK):
-        strong = (ink == cls).astype(np.uint8)
-        if not strong.any():
-            continue
-        strokes = _remove_small(strong, min_px)
-        if strokes.any():
-            family = ((ink == cls) | (ink == (cls << _WEAK_SHIFT))).astype(np.uint8)
-            out |= _grow_into(family, strokes)
+    out = _ink_strokes_kernel(ink, min_px, _WEAK_SHIFT)
     if not out.any():
         return out
     return _dilate(out, p.radius(_INK_DILATE_UM))

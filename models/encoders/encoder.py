@@ -71,6 +71,8 @@ class Encoder(nn.Module):
 
         Resizes to the input size with the spec's interpolation (anti-aliased) when
         ``H, W != S``, then scales to [0, 1] and normalises with the spec's mean/std.
+        On CPU the resize runs on uint8 (as PIL does; ~10x faster than float), on other
+        devices in float32 (clamped to [0, 255] after bicubic).
         """
         if isinstance(images, np.ndarray):
             images = torch.from_numpy(np.ascontiguousarray(images))
@@ -79,18 +81,20 @@ class Encoder(nn.Module):
                 f"{self.name}: preprocess expects uint8 (B, H, W, 3) patches, "
                 f"got {images.dtype} {tuple(images.shape)}"
             )
-        x = images.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float()
+        x = images.to(self.device, non_blocking=True).permute(0, 3, 1, 2)  # NCHW view
         size = self.input_size
         if tuple(x.shape[-2:]) != (size, size):
+            on_cpu = x.device.type == "cpu"
             x = F.interpolate(
-                x,
+                x if on_cpu else x.float(),
                 size=(size, size),
                 mode=self.spec.interpolation,
                 align_corners=False,
                 antialias=True,
             )
-            if self.spec.interpolation == "bicubic":
+            if not on_cpu and self.spec.interpolation == "bicubic":
                 x = x.clamp_(0.0, 255.0)
+        x = x.float()
         x = x * self.scale - self.shift
         fmt = torch.channels_last if self.channels_last else torch.contiguous_format
         return x.contiguous(memory_format=fmt)

@@ -14,25 +14,25 @@ def command(
     slides: Annotated[
         list[str] | None, typer.Argument(help="slide files, directories or glob patterns (quote globs)")
     ] = None,
-    out: Annotated[Path | None, typer.Option("--out", "-o", help="output directory [default: tiles]")] = None,
-    mpp: Annotated[float | None, typer.Option(help="patch resolution, µm/px [default: 0.5]")] = None,
-    size: Annotated[int | None, typer.Option(help="patch side in px at --mpp [default: 256]")] = None,
-    overlap: Annotated[int | None, typer.Option(help="overlap between neighbouring patches, px [default: 0]")] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="output directory (default: tiles)")] = None,
+    mpp: Annotated[float | None, typer.Option(help="patch resolution, µm/px (default: 0.5)")] = None,
+    size: Annotated[int | None, typer.Option(help="patch side in px at --mpp (default: 256)")] = None,
+    overlap: Annotated[int | None, typer.Option(help="overlap between neighbouring patches, px (default: 0)")] = None,
     min_tissue: Annotated[
-        float | None, typer.Option(help="minimum tissue fraction per patch, 0..1 [default: 0.5]")
+        float | None, typer.Option(help="minimum tissue fraction per patch, 0..1 (default: 0.5)")
     ] = None,
     slide_mpp: Annotated[
         float | None, typer.Option(help="µm/px of level 0 to use when a file has none in its metadata")
     ] = None,
     tissue_mpp: Annotated[
-        float | None, typer.Option(help="resolution of the tissue-detection thumbnail, µm/px [default: 8]")
+        float | None, typer.Option(help="resolution of the tissue-detection thumbnail, µm/px (default: 8)")
     ] = None,
     backend: Annotated[
         str | None, typer.Option(help="slide reader: auto (openslide, then tiffslide), openslide, tiffslide")
     ] = None,
-    workers: Annotated[int | None, typer.Option(help="reader threads per slide for --save-patches [default: 1]")] = None,
+    workers: Annotated[int | None, typer.Option(help="reader threads per slide for --save-patches (default: 1)")] = None,
     save_patches: Annotated[
-        str | None, typer.Option(help="also write each patch as an image: none, png or jpeg [default: none]")
+        str | None, typer.Option(help="also write each patch as an image: none, png or jpeg (default: none)")
     ] = None,
     skip_corrupt_tiles: Annotated[
         bool | None,
@@ -84,14 +84,16 @@ def command(
 def run(job) -> None:
     """Run with a rich progress bar; print the summary table; exit 1 if any slide failed."""
     from pipelines.cluster import ClusterProgress
-    from pipelines.inputs import InputError, expand_slides
-    from pipelines.tile import run_tile
+    from pipelines.inputs import InputError
+    from pipelines.tile import check_job, run_tile
     from wsi.errors import StainError
 
     try:
-        n = len(expand_slides(job.slides))
-    except InputError as err:
+        n = len(check_job(job))
+    except (InputError, StainError) as err:
         raise fail(str(err)) from err
+    if n == 0:
+        raise fail(f"no slide files in {', '.join(job.slides)}. Fix: check the paths (suffixes: .svs, .tif, ...)")
     try:
         with ClusterProgress(n, title="tiling", console=console) as progress:
             summary = run_tile(job, progress=progress)
