@@ -5,7 +5,8 @@ For each encoder (random weights, CPU), in one run on the same slides:
          the same patch count as the end-to-end run (the ceiling)
   e2e    run_extract: open → tissue → grid → PatchReader + prefetch → encoder → Zarr store
   ratio  e2e / bare patches/s                                   target ≥ 0.9 (encoder-bound models)
-Bare is timed before and after the e2e run and averaged, so machine load hits both alike.
+Bare and e2e alternate for a few rounds and the best of each is compared, so load bursts of a
+shared machine hit both alike ("bare spread" shows how noisy the machine was).
 Also: store write MB/s and read-back time for an (N, D) fp16 store, and the H100 throughput the
 encoder's FLOPs imply (FlopCounterMode on one batch; assumed bf16 dense peak and utilisation;
 computed, not measured).
@@ -104,7 +105,7 @@ def flops_per_patch(encoder, patches: torch.Tensor, batch: int) -> float:
     return counter.get_total_flops() / len(x)
 
 
-def bench_encoder(name: str, slides: list[Path], warm_slide: Path, tmp: Path, batch: int) -> dict:
+def bench_encoder(name: str, slides: list[Path], warm_slide: Path, tmp: Path, batch: int, rounds: int) -> dict:
     from models.encoders import get_spec
     from pipelines.extract import load_encoder, run_extract
 
@@ -128,18 +129,20 @@ def bench_encoder(name: str, slides: list[Path], warm_slide: Path, tmp: Path, ba
             mask = detect_tissue(slide, target_mpp=job.tiling.tissue_mpp)
             n += len(make_grid(slide, mask, patch_size=size, mpp=mpp, min_tissue=job.tiling.min_tissue))
     patches = real_patches(job, max(n, batch))
-    before = bare_rate(enc, patches, batch)
-    t0 = time.perf_counter()
-    summary = run_extract(job, encoder=enc)
-    e2e_s = time.perf_counter() - t0
-    after = bare_rate(enc, patches, batch)
-    bare = (before + after) / 2
-    e2e = summary.n_patches / e2e_s
+    bares, e2es, total, failed = [], [], 0, 0
+    for _ in range(rounds):  # alternate, so load bursts of a shared machine hit both alike
+        bares.append(bare_rate(enc, patches, batch))
+        shutil.rmtree(job.out, ignore_errors=True)
+        t0 = time.perf_counter()
+        summary = run_extract(job, encoder=enc)
+        e2es.append(summary.n_patches / (time.perf_counter() - t0))
+        total, failed = summary.n_patches, summary.n_failed
+    bare, e2e = max(bares), max(e2es)  # best of rounds: the least disturbed run of each
     flops = flops_per_patch(enc, patches, batch)
     h100 = H100_BF16_DENSE_TFLOPS * 1e12 * ASSUMED_MFU / flops
     return {
-        "encoder": name, "patch": f"{size}px@{mpp}", "patches": summary.n_patches, "failed": summary.n_failed,
-        "bare": bare, "bare_spread": abs(before - after) / bare, "e2e": e2e, "ratio": e2e / bare,
+        "encoder": name, "patch": f"{size}px@{mpp}", "patches": total, "failed": failed,
+        "bare": bare, "spread": (max(bares) - min(bares)) / bare, "e2e": e2e, "ratio": e2e / bare,
         "gflops": flops / 1e9, "h100": h100,
     }
 
@@ -172,12 +175,14 @@ def main() -> None:
     ap.add_argument("--slides", type=int, default=None, help="synthetic slides (default 1 quick, 4 full)")
     ap.add_argument("--size", type=int, default=None, help="synthetic slide width in px (default 3072 / 8192)")
     ap.add_argument("--batch-size", type=int, default=None, help="default 8 quick, 64 full")
+    ap.add_argument("--rounds", type=int, default=None, help="alternating bare/e2e rounds (default 2 quick, 3 full)")
     ap.add_argument("--store-rows", type=int, default=None, help="rows per slide in the store bench")
     args = ap.parse_args()
     n_slides = args.slides or (1 if args.quick else 4)
     size = args.size or (2048 if args.quick else 8192)
     rows = args.store_rows or (5_000 if args.quick else 50_000)
     args.batch_size = args.batch_size or (8 if args.quick else 64)
+    args.rounds = args.rounds or (2 if args.quick else 3)
     logging.basicConfig(level=logging.WARNING)
 
     print(machine_info())
@@ -187,17 +192,17 @@ def main() -> None:
         from wsi.synthetic import make_synthetic_slide
 
         warm_slide = make_synthetic_slide(tmp / "warm.svs", width=1024, height=768, mpp=0.5, seed=99).path
-        print(f"slides: {n_slides} synthetic {size}x{size * 3 // 4} px at 0.5 µm/px; batch {args.batch_size}")
+        print(f"slides: {n_slides} synthetic {size}x{size * 3 // 4} px at 0.5 µm/px; batch {args.batch_size}; rounds {args.rounds}")
         print()
         head = (f"{'encoder':<12} {'patch':>11} {'patches':>8} {'bare p/s':>9} {'e2e p/s':>9} "
                 f"{'ratio':>6} {'target':>10} {'bare spread':>11} {'GFLOP/p':>8} {'H100 p/s*':>12}")
         print(head)
         print("-" * len(head))
         for name in args.encoders.split(","):
-            r = bench_encoder(name.strip(), slides, warm_slide, tmp, args.batch_size)
+            r = bench_encoder(name.strip(), slides, warm_slide, tmp, args.batch_size, args.rounds)
             ok = "ok" if r["ratio"] >= TARGET_RATIO else "MISS"
             print(f"{r['encoder']:<12} {r['patch']:>11} {r['patches']:>8} {r['bare']:>9.1f} {r['e2e']:>9.1f} "
-                  f"{r['ratio']:>6.2f} {'>=' + str(TARGET_RATIO):>5} {ok:<4} {r['bare_spread']:>11.0%} "
+                  f"{r['ratio']:>6.2f} {'>=' + str(TARGET_RATIO):>5} {ok:<4} {r['spread']:>11.0%} "
                   f"{r['gflops']:>8.3f} {r['h100']:>12,.0f}")
         print(f"* expected, not measured: FLOPs counted with FlopCounterMode on one batch; "
               f"H100 SXM bf16 dense {H100_BF16_DENSE_TFLOPS:.0f} TFLOPS x {ASSUMED_MFU:.0%} utilisation")

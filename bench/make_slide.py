@@ -1,12 +1,17 @@
 """Write a realistic gigapixel pyramidal TIFF for benchmarks (Aperio-style, JPEG, 256 px tiles).
 
-Tissue islands are mosaics of the real slides in ``../shared/slides/real`` (H&E skin and a TCGA
-frozen section) laid on flat glass; islands come from a smoothed random field thresholded to the
-requested tissue fraction, with soft edges. The texture is the source pixels as they are (not
-rescaled), so JPEG tiles carry real-tissue entropy; ``--mpp`` is written as the scan resolution.
+Tissue islands are mosaics of the tissue-dense parts of the real slides in
+``../shared/slides/real`` (a TCGA frozen section and H&E skin; each island repeats one source
+from its own offset) laid on flat glass; islands come from a smoothed random field thresholded
+to the requested tissue fraction, with soft edges. The texture is the source pixels as they are
+(not rescaled), so JPEG tiles carry real-tissue entropy; ``--mpp`` is written as the scan
+resolution (``MPP``/``AppMag`` in the Aperio description).
 
-Levels are Aperio-style (downsample 4 per level) and rendered independently from box-downsampled
-sources, so each level matches the one above it. OpenSlide opens the result as vendor ``aperio``.
+Levels are Aperio-style (downsample 4 per level, down to ~1-2k px, plus a stripped thumbnail
+page) and rendered independently from box-downsampled sources, so each level matches the one
+above it. OpenSlide opens the result as vendor ``aperio``. Tiles stream from a generator into
+``tifffile`` (bounded memory), which JPEG-encodes them on ``--workers`` threads; measured
+~1 Gpx/min on 2 heavily shared cores, so a 2-Gpx slide takes a few minutes at most.
 
     python bench/make_slide.py /tmp/big.svs --width 100000 --height 80000 --mpp 0.25
     python bench/make_slide.py /tmp/small.svs --quick

@@ -113,10 +113,10 @@ def warm_page_cache(path: Path) -> None:
 def run_case(name_case: str, path: Path, patch: int, mpp: float, args, rows: list, checks: list) -> None:
     from wsi.tissue import detect_tissue
 
-    detect_tissue(np.full((256, 256, 3), 240, np.uint8), mpp=8.0)  # compile Numba kernels first
-    for f in (2, 3):
+    for f in (2, 3):  # compile Numba kernels before timing
         box_reduce(np.zeros((6, 6, 3), np.uint8), f)
     with open_slide(path) as slide:
+        detect_tissue(slide)  # warm-up (JIT, page cache): the timed run below is the second
         t0 = time.perf_counter()
         mask = detect_tissue(slide)
         t_tissue = time.perf_counter() - t0
@@ -124,8 +124,11 @@ def run_case(name_case: str, path: Path, patch: int, mpp: float, args, rows: lis
         t_grid = time.perf_counter() - t0
         dims = slide.level_dimensions
     n = len(grid)
-    rng = np.random.default_rng(0)
-    sample = np.sort(rng.choice(n, size=min(args.sample, n), replace=False))
+    # naive baselines read a contiguous run of the grid (row-major, as a naive loop would, so the
+    # backend's own tile cache helps them) from a random start
+    k = min(args.sample, n)
+    start = int(np.random.default_rng(0).integers(0, n - k + 1))
+    sample = np.arange(start, start + k)
     print(f"\n## {name_case}: {n} patches of {patch} px at {mpp} µm/px (read level {grid.read_level}, "
           f"{grid.patch_size_read} px{', resized' if grid.needs_resize else ''}); "
           f"tissue {t_tissue:.2f} s + grid {t_grid - t_tissue:.2f} s", flush=True)
@@ -212,8 +215,8 @@ def main() -> None:
     print(f"\n{'case':<24} {'check':<34} {'value':>10}  target")
     for case, what, v, target in checks:
         print(f"{case:<24} {what:<34} {v:>10.2f}  {target}")
-    print(f"\nnaive baselines: {args.sample} randomly sampled grid patches each (same per-patch cost "
-          f"model); best of {args.repeat} interleaved round(s); process RSS "
+    print(f"\nnaive baselines: a run of {args.sample} consecutive grid patches from a random start (same "
+          f"resize as slidepipe); best of {args.repeat} interleaved round(s); process RSS "
           f"{psutil.Process().memory_info().rss / 1e9:.2f} GB now")
     if tmp is not None:
         tmp.cleanup()

@@ -16,6 +16,7 @@ import contextlib
 import importlib.util
 import logging
 import os
+import shutil
 import socket
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -137,9 +138,17 @@ def jobqueue_kwargs(cfg: ClusterConfig) -> dict[str, Any]:
     scheduler_options = dict(site.get("scheduler-options") or {})
     if cfg.scheduler_host:
         scheduler_options["host"] = cfg.scheduler_host
-    scheduler_options.setdefault("dashboard_address", cfg.dashboard_address)
+    scheduler_options.update({k: v for k, v in _dashboard_kwargs(cfg).items() if k not in scheduler_options})
     kwargs["scheduler_options"] = scheduler_options
     return kwargs
+
+
+def _dashboard_kwargs(cfg: ClusterConfig) -> dict[str, Any]:
+    """Scheduler options for the dashboard. Without one (``dashboard_address: null``) the
+    scheduler's HTTP server still listens, so it gets a free port instead of Dask's 8787."""
+    if cfg.dashboard_address is None:
+        return {"dashboard": False, "dashboard_address": ":0"}
+    return {"dashboard_address": cfg.dashboard_address}
 
 
 def _make_cluster(cfg: ClusterConfig):
@@ -151,8 +160,10 @@ def _make_cluster(cfg: ClusterConfig):
             "n_workers": n,
             "threads_per_worker": cfg.threads_per_worker,
             "processes": True,
-            "dashboard_address": cfg.dashboard_address,
+            "dashboard_address": _dashboard_kwargs(cfg)["dashboard_address"],
         }
+        if cfg.dashboard_address is None:
+            kwargs["scheduler_kwargs"] = {"dashboard": False}
         if cfg.local_directory:
             kwargs["local_directory"] = cfg.local_directory
         if cfg.gpus:
@@ -161,6 +172,12 @@ def _make_cluster(cfg: ClusterConfig):
         return LocalCluster(**kwargs)
     import dask_jobqueue
 
+    submit = {"slurm": "sbatch", "pbs": "qsub"}[cfg.kind]
+    if shutil.which(submit) is None:
+        raise ClusterError(
+            f"--cluster {cfg.kind}: `{submit}` is not on PATH, so no worker job can be submitted. "
+            f"Fix: run slidepipe on a {cfg.kind.upper()} login node, or use --cluster local"
+        )
     cls = {"slurm": dask_jobqueue.SLURMCluster, "pbs": dask_jobqueue.PBSCluster}[cfg.kind]
     kwargs = jobqueue_kwargs(cfg)
     cluster = cls(**kwargs)

@@ -76,7 +76,135 @@ def make_cohort(folder: Path, n_slides: int, *, seed: int = 0, workers: int = 2)
     for row, t in zip(rows, truth, strict=True):
         row["n_lesions"] = len(t["lesions"])
         row["lesions"] = json.dumps(t["lesions"])
-    cohort = pd.DataFrame(rows)
-    cohort[["slide_id", "patient_id", "label"]].to_csv(folder.parent / "labels.csv", index=False)
     manifest.write_text(json.dumps({"params": params, "slides": rows}, indent=1))
-    return cohort
+    return pd.DataFrame(rows)
+
+
+def _lesion_attention(csv_path: Path, lesions: list[list[int]], patch: int) -> tuple[np.ndarray, np.ndarray]:
+    """Attention of patches whose centre lies in a lesion, and of all the others."""
+    from wsi.synthetic import Lesion, lesion_mask
+
+    att = pd.read_csv(csv_path)
+    centres = att[["x", "y"]].to_numpy() + patch / 2
+    inside = lesion_mask(centres, [Lesion(*les) for les in lesions])
+    a = att["attention"].to_numpy()
+    return a[inside], a[~inside]
+
+
+def run_demo(job: DemoJob, *, echo=print) -> DemoResult:
+    """Cohort → tile → extract → k-fold ABMIL → heatmaps → ``report.html`` in ``job.out``."""
+    from pipelines.extract import run_extract
+    from pipelines.heatmap import heatmap_slide
+    from pipelines.report import stage_table, write_report
+    from pipelines.tile import run_tile
+    from pipelines.train import train_mil
+
+    out = Path(job.out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_resolved_config(job, out)
+    stages: list[dict[str, Any]] = []
+    tiling = TilingConfig(mpp=0.5, patch_size=224, min_tissue=0.5)
+
+    def stage(name: str, t0: float, items: int | None, unit: str) -> None:
+        sec = time.perf_counter() - t0
+        stages.append({"stage": name, "items": items, "seconds": sec})
+        rate = f", {items / max(sec, 1e-9):.1f} {unit}/s" if items else ""
+        echo(f"  {name}: {items if items is not None else ''} {unit} in {sec:.1f} s{rate}")
+
+    echo(f"slidepipe demo → {out}")
+    t0 = time.perf_counter()
+    cohort = make_cohort(out / "slides", job.slides, seed=job.seed, workers=job.workers)
+    cohort[["slide_id", "patient_id", "label"]].to_csv(out / "labels.csv", index=False)
+    stage("generate cohort", t0, len(cohort), "slides")
+
+    t0 = time.perf_counter()
+    tile_sum = run_tile(TileJob(slides=[str(out / "slides")], out=out / "tiles", tiling=tiling))
+    stage("tissue + grid", t0, len(tile_sum.results), "slides")
+    failed = [r for r in tile_sum.results if r.status == "failed"]
+    if failed:
+        raise RuntimeError(f"demo: tiling failed for {failed[0].slide_id}: {failed[0].reason}")
+
+    t0 = time.perf_counter()
+    ex = run_extract(
+        ExtractJob(slides=[str(out / "slides")], out=out / "features.zarr", encoder=job.encoder,
+                   weights=job.weights, tiling=tiling, batch_size=64, workers=job.workers)
+    )  # fmt: skip
+    if ex.n_failed:
+        bad = next(r for r in ex.results if r.status == "failed")
+        raise RuntimeError(f"demo: extraction failed for {bad.slide_id}: {bad.reason}")
+    n_patches = int(sum(r.n_patches for r in ex.results))
+    stage("read + embed patches", t0, n_patches if any(r.status == "done" for r in ex.results) else None, "patches")
+
+    t0 = time.perf_counter()
+    res = train_mil(out / "features.zarr", out / "labels.csv", model="abmil", folds=job.folds,
+                    out=out / "run", seed=job.seed, epochs=40, patience=10, lr=5e-4, batch_size=8)  # fmt: skip
+    stage(f"train ABMIL ({job.folds}-fold CV)", t0, job.folds, "folds")
+
+    t0 = time.perf_counter()
+    heatmaps: dict[str, Path] = {}
+    inside: list[np.ndarray] = []
+    outside: list[np.ndarray] = []
+    for row in cohort.itertuples():
+        hm = heatmap_slide(out / "run", out / "features.zarr", out / "slides" / f"{row.slide_id}.svs",
+                           out / "heatmaps", thumb_mpp=8.0)  # fmt: skip
+        heatmaps[row.slide_id] = hm.png
+        if row.label == "positive":
+            a_in, a_out = _lesion_attention(hm.csv, json.loads(row.lesions), tiling.patch_size)
+            inside.append(a_in)
+            outside.append(a_out)
+    stage("attention heatmaps", t0, len(cohort), "slides")
+    att_in = float(np.mean(np.concatenate(inside))) if inside else None
+    att_out = float(np.mean(np.concatenate(outside))) if outside else None
+
+    auc = res.summary.get("auc", {})
+    patches_per_slide = cohort["slide_id"].map({r.slide_id: r.n_patches for r in ex.results})
+    table = cohort.assign(patches=patches_per_slide)[["slide_id", "patient_id", "label", "n_lesions", "patches"]]
+    folds = pd.DataFrame(res.folds)
+    keep = [c for c in ("repeat", "fold", "auc", "accuracy", "balanced_accuracy", "f1", "epochs", "best_epoch") if c in folds]
+    random_note = (
+        f"The encoder '{job.encoder}' has RANDOM weights (weights='{job.weights}'): features are random "
+        "projections of the pixels, good enough to separate these synthetic classes, not real tissue. "
+        "Use a pathology foundation model with its weights on real slides."
+        if job.weights == "random" else f"Encoder '{job.encoder}' with weights {job.weights}."
+    )
+    report = write_report(
+        out / "report.html",
+        title="slidepipe demo",
+        subtitle=f"{len(cohort)} generated slides (pyramidal JPEG TIFF, {SLIDE_MPP} µm/px), "
+        f"two classes: 'positive' slides carry 1-3 dense nuclear clusters; encoder {job.encoder}.",
+        kpis={
+            "slides": str(len(cohort)),
+            "patches": f"{n_patches:,}",
+            "AUC (mean ± sd)": f"{auc.get('mean', float('nan')):.3f} ± {auc.get('std', float('nan')):.3f}",
+            "attention in clusters / elsewhere": (
+                f"{att_in / att_out:.1f}×" if att_in and att_out else "n/a"
+            ),
+        },
+        notes=[random_note],
+        cohort=table,
+        thumbnails={sid: out / "tiles" / "overlays" / f"{sid}.png" for sid in cohort["slide_id"]},
+        heatmaps=heatmaps,
+        fold_metrics=folds[keep],
+        summary=res.summary,
+        predictions=res.predictions,
+        stages=stage_table(stages),
+        commands=[
+            "# 1. tissue + patch grid (overlays, GeoJSON for QuPath, CLAM/TRIDENT coords h5)",
+            "slidepipe tile /path/to/slides --out tiles --mpp 0.5 --size 224",
+            "# 2. features with a pathology foundation model (local weights file)",
+            "slidepipe extract /path/to/slides --out features.zarr --encoder ctranspath --weights ctranspath.pth --mpp 0.5 --size 224",
+            "# 3. labels.csv: slide_id,patient_id,label — then cross-validated ABMIL",
+            f"slidepipe train --store features.zarr --labels labels.csv --model abmil --folds {job.folds} --out run",
+            "# 4. attention heatmap of one slide",
+            "slidepipe heatmap --run run --store features.zarr --slide /path/to/slides/SLIDE.svs --out heatmaps",
+            "# this demo again:",
+            f"slidepipe demo --out {out} --slides {job.slides} --encoder {job.encoder}",
+        ],
+    )
+    summary = {
+        "slides": len(cohort), "patches": n_patches, "stages": stages, "metrics": res.summary,
+        "attention_inside_clusters": att_in, "attention_outside_clusters": att_out,
+        "encoder": job.encoder, "weights": job.weights, "report": str(report),
+    }  # fmt: skip
+    (out / "demo-summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    return DemoResult(out, report, res.summary, stages, att_in, att_out, n_patches, cohort)

@@ -105,6 +105,7 @@ def write_patches_h5(path: Path, slide: Slide, grid: TileGrid) -> Path:
             "min_tissue": grid.min_tissue,
             "needs_resize": grid.needs_resize,
             "name": slide.slide_id,
+            "save_path": str(path.parent),
         }
         for key, value in attrs.items():
             coords.attrs[key] = value

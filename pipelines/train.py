@@ -39,8 +39,8 @@ from wsi.store import FeatureStore
 log = logging.getLogger(__name__)
 
 CHECKPOINT_RULE = (
-    "best validation: the epoch with the lowest class-weighted cross-entropy on the validation "
-    "part split off each training fold (earliest epoch on ties); the test fold and the held-out "
+    "best validation: the epoch with the lowest cross-entropy (class-weighted when balance=loss) on "
+    "the validation part split off each training fold (earliest epoch on ties); the test fold and the held-out "
     "set are never used for training, early stopping or checkpoint selection"
 )
 Progress = Callable[[dict[str, Any]], None]

@@ -31,7 +31,6 @@ from models.encoders import (
     read_state_dict,
     resolve_device,
     resolve_precision,
-    to_legacy_swin_state_dict,
 )
 
 REAL = ["ctranspath", "virchow", "virchow2", "uni", "uni2-h", "h-optimus-0", "resnet50-trunc"]
@@ -68,8 +67,8 @@ def _perturb_(module: torch.nn.Module, seed: int = 1) -> None:
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, tensor in module.state_dict().items():
-            if not tensor.is_floating_point():
-                continue
+            if not tensor.is_floating_point() or name.endswith("attn_mask"):
+                continue  # integer buffers, and masks that are fixed by the geometry
             noise = torch.randn(tensor.shape, generator=gen) * 0.05
             if name.endswith("running_var"):
                 tensor.copy_(1.0 + noise.abs())
@@ -85,6 +84,19 @@ def test_registry_lists_every_entry():
     assert set(REAL + TINY) <= set(names)
     assert names == sorted(names)
     assert not set(TINY) & set(list_encoders(include_test=False))
+
+
+def test_register_and_validate_specs():
+    from models.encoders import register_encoder
+    from models.encoders.specs import EncoderSpec
+
+    spec = get_spec("tiny-resnet")
+    with pytest.raises(ValueError, match="already registered"):
+        register_encoder(spec)
+    with pytest.raises(ValueError, match="needs a ViT"):
+        EncoderSpec(**{**spec.__dict__, "name": "bad", "pooling": "cls"})
+    with pytest.raises(ValueError, match="unknown pooling"):
+        EncoderSpec(**{**spec.__dict__, "name": "bad", "pooling": "max"})
 
 
 def test_unknown_name_lists_valid_choices():
@@ -307,44 +319,177 @@ def test_missing_weight_file(tmp_path):
         create_encoder("tiny-vit", weights=bad)
 
 
-def _legacy_ctranspath_checkpoint(trunk: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """A state dict in the timm-0.5.4 layout of the released ctranspath.pth."""
-    legacy = to_legacy_swin_state_dict(trunk.state_dict())
-    for name, buf in trunk.named_buffers():
-        if name.endswith("relative_position_index"):  # persistent in timm 0.5.4
-            legacy[name] = buf.clone()
-    for i, stage in enumerate(trunk.layers):
-        for j, block in enumerate(stage.blocks):
-            if getattr(block, "shift_size", (0, 0)) != (0, 0) and max(block.shift_size) > 0:
-                n_win = (stage.blocks[0].input_resolution[0] // block.window_size[0]) ** 2
-                area = block.window_size[0] * block.window_size[1]
-                legacy[f"layers.{i}.blocks.{j}.attn_mask"] = torch.zeros(n_win, area, area)
-    num_features = trunk.num_features
-    legacy["head.weight"] = torch.randn(1000, num_features)
-    legacy["head.bias"] = torch.zeros(1000)
-    return legacy
+# --- CTransPath as released: an independent timm-0.5.4-style Swin with the conv stem -------
+# Written from the Swin paper / reference code (microsoft/Swin-Transformer, MIT), which timm
+# 0.5.4 copied: downsample at the END of each stage, persistent relative_position_index and
+# attn_mask buffers, tokens as (B, L, C), a Linear head. Its state dict has the key layout of
+# the released ctranspath.pth; the encoder must load it and compute the same features.
+
+
+def _windows(x: torch.Tensor, ws: int) -> torch.Tensor:
+    b, h, w, c = x.shape
+    x = x.view(b, h // ws, ws, w // ws, ws, c).permute(0, 1, 3, 2, 4, 5)
+    return x.reshape(-1, ws * ws, c)
+
+
+def _unwindows(win: torch.Tensor, ws: int, h: int, w: int) -> torch.Tensor:
+    b = win.shape[0] // ((h // ws) * (w // ws))
+    x = win.view(b, h // ws, w // ws, ws, ws, -1).permute(0, 1, 3, 2, 4, 5)
+    return x.reshape(b, h, w, -1)
+
+
+class _OldAttention(torch.nn.Module):
+    def __init__(self, dim: int, ws: int, heads: int) -> None:
+        super().__init__()
+        self.heads, self.scale = heads, (dim // heads) ** -0.5
+        self.relative_position_bias_table = torch.nn.Parameter(
+            torch.zeros((2 * ws - 1) ** 2, heads)
+        )
+        grid = torch.stack(torch.meshgrid(torch.arange(ws), torch.arange(ws), indexing="ij"))
+        rel = (grid.flatten(1)[:, :, None] - grid.flatten(1)[:, None, :]).permute(1, 2, 0)
+        rel = rel + (ws - 1)
+        self.register_buffer("relative_position_index", rel[..., 0] * (2 * ws - 1) + rel[..., 1])
+        self.qkv = torch.nn.Linear(dim, 3 * dim)
+        self.proj = torch.nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        attn = (q * self.scale) @ k.transpose(-2, -1)
+        bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
+        attn = attn + bias.view(n, n, -1).permute(2, 0, 1)[None]
+        if mask is not None:
+            nw = mask.shape[0]
+            attn = (attn.view(b // nw, nw, self.heads, n, n) + mask[None, :, None]).view(
+                -1, self.heads, n, n
+            )
+        return self.proj((attn.softmax(-1) @ v).transpose(1, 2).reshape(b, n, c))
+
+
+class _OldBlock(torch.nn.Module):
+    def __init__(self, dim: int, res: int, heads: int, ws: int, shift: int) -> None:
+        super().__init__()
+        if res <= ws:
+            ws, shift = res, 0
+        self.res, self.ws, self.shift = res, ws, shift
+        self.norm1 = torch.nn.LayerNorm(dim)
+        self.attn = _OldAttention(dim, ws, heads)
+        self.norm2 = torch.nn.LayerNorm(dim)
+        self.mlp = torch.nn.Sequential()
+        self.mlp.fc1 = torch.nn.Linear(dim, 4 * dim)
+        self.mlp.act = torch.nn.GELU()
+        self.mlp.fc2 = torch.nn.Linear(4 * dim, dim)
+        mask = None
+        if shift:
+            img = torch.zeros(1, res, res, 1)
+            cuts = (slice(0, -ws), slice(-ws, -shift), slice(-shift, None))
+            for i, (hs, wsl) in enumerate((a, b) for a in cuts for b in cuts):
+                img[:, hs, wsl] = i
+            win = _windows(img, ws).squeeze(-1)
+            diff = win[:, None, :] - win[:, :, None]
+            mask = diff.masked_fill(diff != 0, -100.0).masked_fill(diff == 0, 0.0)
+        self.register_buffer("attn_mask", mask)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, _, c = x.shape
+        h = self.norm1(x).view(b, self.res, self.res, c)
+        if self.shift:
+            h = torch.roll(h, (-self.shift, -self.shift), (1, 2))
+        h = _unwindows(self.attn(_windows(h, self.ws), self.attn_mask), self.ws, self.res, self.res)
+        if self.shift:
+            h = torch.roll(h, (self.shift, self.shift), (1, 2))
+        x = x + h.reshape(b, -1, c)
+        return x + self.mlp(self.norm2(x))
+
+
+class _OldPatchMerging(torch.nn.Module):
+    def __init__(self, dim: int, res: int) -> None:
+        super().__init__()
+        self.res = res
+        self.reduction = torch.nn.Linear(4 * dim, 2 * dim, bias=False)
+        self.norm = torch.nn.LayerNorm(4 * dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, _, c = x.shape
+        x = x.view(b, self.res, self.res, c)
+        parts = [x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]]
+        return self.reduction(self.norm(torch.cat(parts, -1).view(b, -1, 4 * c)))
+
+
+class _OldCTransPath(torch.nn.Module):
+    """timm-0.5.4 SwinTransformer(embed_layer=ConvStem), as CTransPath was trained."""
+
+    def __init__(self, img: int, dim: int, depths, heads, ws: int) -> None:
+        super().__init__()
+        stem, cin, cout = [], 3, dim // 8
+        for _ in range(2):
+            stem += [
+                torch.nn.Conv2d(cin, cout, 3, 2, 1, bias=False),
+                torch.nn.BatchNorm2d(cout),
+                torch.nn.ReLU(),
+            ]
+            cin, cout = cout, cout * 2
+        self.patch_embed = torch.nn.Module()
+        self.patch_embed.proj = torch.nn.Sequential(*stem, torch.nn.Conv2d(cin, dim, 1))
+        self.patch_embed.norm = torch.nn.LayerNorm(dim)
+        self.layers = torch.nn.ModuleList()
+        res = img // 4
+        for i, (depth, nh) in enumerate(zip(depths, heads, strict=True)):
+            stage = torch.nn.Module()
+            stage.blocks = torch.nn.ModuleList(
+                _OldBlock(dim, res, nh, ws, 0 if j % 2 == 0 else ws // 2) for j in range(depth)
+            )
+            last = i == len(depths) - 1
+            stage.downsample = None if last else _OldPatchMerging(dim, res)
+            self.layers.append(stage)
+            if not last:
+                dim, res = dim * 2, res // 2
+        self.norm = torch.nn.LayerNorm(dim)
+        self.head = torch.nn.Linear(dim, 1000)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embed.proj(x).flatten(2).transpose(1, 2)
+        x = self.patch_embed.norm(x)
+        for stage in self.layers:
+            for block in stage.blocks:
+                x = block(x)
+            if stage.downsample is not None:
+                x = stage.downsample(x)
+        return self.norm(x).mean(dim=1)  # avgpool over tokens; the head is not used
+
+
+_OLD_CONFIGS = {
+    "tiny-swin": {"img": 32, "dim": 16, "depths": (2, 2), "heads": (1, 2), "ws": 4},
+    "ctranspath": {"img": 224, "dim": 96, "depths": (2, 2, 6, 2), "heads": (3, 6, 12, 24), "ws": 7},
+}
 
 
 @pytest.mark.parametrize("name", ["tiny-swin", pytest.param("ctranspath", marks=pytest.mark.slow)])
-def test_ctranspath_loads_legacy_checkpoint(tmp_path, name):
-    source = create_encoder(name, weights="random")
-    _perturb_(source.trunk)
-    legacy = _legacy_ctranspath_checkpoint(source.trunk)
-    last = len(source.trunk.layers) - 1
-    assert "layers.0.downsample.reduction.weight" in legacy  # old layout: stage 0 downsamples
-    assert f"layers.{last}.downsample.reduction.weight" not in legacy
-    assert any(k.endswith("attn_mask") for k in legacy)
-    assert "patch_embed.proj.0.weight" in legacy and "patch_embed.proj.6.bias" in legacy
+def test_ctranspath_loads_original_checkpoint_layout(tmp_path, name):
+    old = _OldCTransPath(**_OLD_CONFIGS[name])
+    _perturb_(old, seed=3)
+    old.eval()
+    state = old.state_dict()
+    # the layout of the released file
+    assert "layers.0.downsample.reduction.weight" in state
+    assert f"layers.{len(old.layers) - 1}.downsample.reduction.weight" not in state
+    assert any(k.endswith("relative_position_index") for k in state)
+    assert any(k.endswith("attn_mask") for k in state)
+    assert {"patch_embed.proj.0.weight", "patch_embed.proj.6.bias", "head.weight"} <= set(state)
     path = tmp_path / "ctranspath.pth"
-    torch.save({"model": legacy}, path)
+    torch.save({"model": state}, path)
 
-    loaded = create_encoder(name, weights=path)
-    assert loaded.weights_id == "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
-    x = _patches(2, 64)
-    want = source.encode(x)
-    torch.testing.assert_close(loaded.encode(x), want, rtol=0, atol=0)
-    fresh = create_encoder(name, weights="random").encode(x)
-    assert not torch.allclose(fresh, want, atol=1e-4)  # the weights really came from the file
+    enc = create_encoder(name, weights=path)
+    assert enc.weights_id == "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
+    with torch.inference_mode():
+        x = enc.preprocess(_patches(2, 2 * enc.input_size))
+        want = old.features(x)
+        got = enc(x)
+    assert got.shape == want.shape == (2, enc.embed_dim)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    fresh = create_encoder(name, weights="random")
+    with torch.inference_mode():
+        assert not torch.allclose(fresh(x), want, atol=1e-3)  # the weights came from the file
 
 
 def test_checkpoint_mismatch_lists_keys(tmp_path):

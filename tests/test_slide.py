@@ -164,6 +164,25 @@ def test_corrupt_synthetic_tile_then_reads_go_on(corrupt_slide, backend):
         assert s.thumbnail_at_mpp(8.0)[0].shape == (96, 128, 3)  # coarse levels are intact
 
 
+def test_poisoned_openslide_handle_is_reopened_and_read_retried(aperio_pyramid):
+    """openslide poisons a handle on any error (maybe another thread's corrupt tile): a good
+    region read on a poisoned handle is retried on a fresh one instead of being called corrupt."""
+    import openslide
+
+    with open_slide(aperio_pyramid.path, backend="openslide") as s:
+        expected = s.read_region((64, 64), 0, (32, 32))
+        poisoned = s._handle
+
+        class Poisoned:
+            def read_region(self, *args):
+                raise openslide.OpenSlideError("Bogus marker length (another thread)")
+
+        s._handle = Poisoned()
+        np.testing.assert_array_equal(s.read_region((64, 64), 0, (32, 32)), expected)
+        assert s._handle is not poisoned and not isinstance(s._handle, Poisoned)
+        poisoned.close()
+
+
 def test_missing_file_and_bad_arguments(tmp_path):
     with pytest.raises(SlideOpenError, match="no such file"):
         open_slide(tmp_path / "nope.svs")

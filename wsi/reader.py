@@ -12,9 +12,12 @@ Two ways to get pixels, chosen per slide:
   row are read in one ``Slide.read_region`` call (the backend's tile cache serves tiles shared
   with the next row); one slide handle per thread.
 
-When the grid's mpp is not a pyramid level, patches are read at the read level and resized with
-an area filter (Pillow ``reduce`` for integer factors, ``BOX`` otherwise): anti-aliased and ~8x
-faster than Lanczos, within a few grey levels of ``Slide.read_region_mpp``.
+When the grid's mpp is not a pyramid level, patches are read at the read level and shrunk with
+an area (box) filter (``wsi.resample``): anti-aliased and within a few grey levels of the Lanczos
+``Slide.read_region_mpp``. For integer factors with tile-aligned patches (0.5 µm/px from a
+0.25 base) each stored tile is reduced once by a Numba kernel (~0.03 ms per 256 px tile, vs
+~3 ms per 448 px patch for Pillow Lanczos), and patches are cut from the reduced tiles.
+Missing stored tiles and pixels outside the level are white, as in ``Slide.read_region``.
 
 ``PatchReader`` yields :class:`PatchBatch` in grid order with a bounded number of batches in
 flight; ``patches_dask_array`` is a lazy ``dask.array`` view ``(N, H, W, 3)``; ``prefetch`` runs

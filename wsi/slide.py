@@ -330,38 +330,44 @@ class Slide:
         return out
 
     def _read(self, loc0: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
-        handle = self._handle
-        if handle is None:
-            raise ValueError(f"{self.path}: slide is closed")
-        try:
-            img = handle.read_region(loc0, level, size)
-        except _decode_errors(self.backend) as err:
-            ds = self.level_downsamples[level]
-            region = (loc0[0], loc0[1], round(size[0] * ds), round(size[1] * ds))
-            self._reopen_after_error()
-            raise CorruptTileError(
-                self.path, f"pixel data could not be decoded ({_short(err)})", region=region
-            ) from err
+        # openslide: an error poisons the whole handle, so a read that fails may be another
+        # thread's corrupt tile: reopen and retry once before calling this region corrupt
+        attempts = 2 if self.backend == "openslide" else 1
+        for attempt in range(attempts):
+            handle = self._handle
+            if handle is None:
+                raise ValueError(f"{self.path}: slide is closed")
+            try:
+                img = handle.read_region(loc0, level, size)
+                break
+            except _decode_errors(self.backend) as err:
+                self._reopen_after_error(handle)
+                if attempt + 1 < attempts:
+                    continue
+                ds = self.level_downsamples[level]
+                region = (loc0[0], loc0[1], round(size[0] * ds), round(size[1] * ds))
+                raise CorruptTileError(
+                    self.path, f"pixel data could not be decoded ({_short(err)})", region=region
+                ) from err
         if isinstance(img, Image.Image):
             return _pil_to_rgb(img)
         return _to_rgb(np.asarray(img))
 
-    def _reopen_after_error(self) -> None:
-        """openslide handles are unusable after a decode error: swap in a fresh one."""
+    def _reopen_after_error(self, failed: Any) -> None:
+        """openslide handles are unusable after a decode error: swap in a fresh one.
+
+        The failed handle is not closed here (another thread may still be inside a call on it);
+        openslide-python closes it when its last reference goes.
+        """
         if self.backend != "openslide":
             return
         with self._lock:
-            old = self._handle
+            if self._handle is not failed:  # closed, or another thread already swapped it
+                return
             try:
                 self._handle = _open_backend(self.path, self.backend)
             except Exception as err:  # keep the broken handle; the next read reports again
                 logger.debug("%s: reopen after decode error failed: %s", self.path, err)
-                return
-            if old is not None:
-                try:
-                    old.close()
-                except Exception:
-                    logger.debug("%s: closing a failed handle raised", self.path)
 
     def best_level_for_mpp(self, mpp: float, *, tolerance: float = 0.05) -> int:
         """The coarsest level whose mpp ≤ ``mpp·(1+tolerance)`` (level 0 if all are coarser)."""

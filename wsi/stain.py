@@ -268,7 +268,15 @@ class MacenkoNormalizer(StainNormalizer):
         n = flat.shape[0]
         he, max_c, pinv = np.empty((3, 2)), np.empty(2), np.empty((2, 3))
         ok, _ = K.macenko_estimate(
-            flat, self._od, self.alpha, self.beta, he, max_c, pinv, *(np.empty(n) for _ in range(4))
+            flat,
+            self._od,
+            self.alpha,
+            self.beta,
+            he,
+            max_c,
+            pinv,
+            *(np.empty(n) for _ in range(4)),
+            np.empty(n, np.int32),
         )
         if not ok:
             raise StainError(

@@ -194,6 +194,26 @@ def _pick(scratch, m, r, need_next):
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
+def _collect(vals, n, vmin, scale, b_lo, b_hi, out):
+    """Copy to ``out`` the values of ``vals[:n]`` in histogram bins ``b_lo..b_hi`` (as value
+    edges, padded outwards against rounding); return (number of values below, number copied)."""
+    lo_edge = -np.inf if b_lo == 0 else vmin + b_lo / scale
+    hi_edge = np.inf if b_hi == _NBINS - 1 else vmin + (b_hi + 1) / scale
+    pad = 1e-9 * (abs(vmin) + _NBINS / scale)
+    lo_edge -= pad
+    hi_edge += pad
+    below = 0
+    m = 0
+    for i in range(n):
+        x = vals[i]
+        below += x < lo_edge
+        if x >= lo_edge and x <= hi_edge:
+            out[m] = x
+            m += 1
+    return below, m
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
 def percentile_pair_fast(a, n, q, vmin, vmax, scratch):
     """As :func:`_percentile_pair` for values in ``[vmin, vmax]``, in two linear passes: a
     histogram finds the bins holding the two order statistics, an exact selection among the
@@ -266,12 +286,8 @@ def stain_like_fraction(batch, lut, beta):
 def _pseudo_angle(y, x):
     """Strictly increasing function of ``atan2(y, x)`` on (-pi, pi], without a transcendental."""
     s = abs(x) + abs(y)
-    if s == 0.0:
-        return 0.0
-    p = x / s
-    if y < 0.0:
-        return p - 1.0
-    return 1.0 - p
+    p = x / s if s > 0.0 else 1.0
+    return p - 1.0 if y < 0.0 else 1.0 - p
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
@@ -291,13 +307,15 @@ def _not_pen(o0, o1, o2):
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
-def macenko_estimate(px, lut, alpha, beta, he, max_c, pinv, s_a, s_b, v0, v1):
+def macenko_estimate(px, lut, alpha, beta, he, max_c, pinv, s_a, s_b, v0, v1, idx):
     """Stain matrix ``he`` (3x2, H then E), its pseudo-inverse ``pinv`` (2x3) and the
     99th-percentile concentrations ``max_c`` of one image ``px`` (P, 3), as torchstain's numpy
-    Macenko. ``s_a``, ``s_b``, ``v0``, ``v1`` are scratch arrays of length >= P.
+    Macenko. ``s_a``, ``s_b``, ``v0``, ``v1`` (float64) and ``idx`` (int32) are scratch arrays
+    of length >= P.
 
-    Passes over the pixels: tissue moments; angles and their histogram; concentrations and
-    their histograms; then only over the stored values, the candidates near each percentile. Percentiles are exact (numpy's linear method): the
+    Passes: tissue moments (and the tissue pixels' indices); their angles and a histogram;
+    all concentrations and their histograms; then, over the stored values only, the
+    candidates near each percentile. Percentiles are exact (numpy's linear method): the
     histograms only narrow down where the order statistics are. Returns ``(ok, n_stain_like)``.
     """
     npx = px.shape[0]
@@ -317,6 +335,7 @@ def macenko_estimate(px, lut, alpha, beta, he, max_c, pinv, s_a, s_b, v0, v1):
         o1 = lut[px[p, 1]]
         o2 = lut[px[p, 2]]
         if o0 >= beta and o1 >= beta and o2 >= beta:
+            idx[nt] = p
             nt += 1
             if _not_pen(o0, o1, o2):
                 ns += 1
@@ -350,33 +369,25 @@ def macenko_estimate(px, lut, alpha, beta, he, max_c, pinv, s_a, s_b, v0, v1):
     e20, e21, e22 = vecs[0, 2], vecs[1, 2], vecs[2, 2]
     # angles in the plane of the two largest eigenvectors, as pseudo-angles (same order as
     # atan2; only the selected ones are converted back)
+    # (4 interleaved sub-histograms: neighbouring pixels often share a bin, and one counter
+    # would serialise on its own store-to-load latency)
     scale = _NBINS / 4.0
-    counts = np.zeros(_NBINS, np.int64)
-    k = 0
-    for p in range(npx):
+    sub = np.zeros((4, _NBINS), np.int64)
+    for k in range(nt):
+        p = idx[k]
         o0 = lut[px[p, 0]]
         o1 = lut[px[p, 1]]
         o2 = lut[px[p, 2]]
-        if o0 >= beta and o1 >= beta and o2 >= beta:
-            v = _pseudo_angle(o0 * e20 + o1 * e21 + o2 * e22, o0 * e10 + o1 * e11 + o2 * e12)
-            v0[k] = v
-            k += 1
-            counts[_bin(v, -2.0, scale)] += 1
+        v = _pseudo_angle(o0 * e20 + o1 * e21 + o2 * e22, o0 * e10 + o1 * e11 + o2 * e12)
+        v0[k] = v
+        sub[k & 3, _bin(v, -2.0, scale)] += 1
+    counts = sub[0] + sub[1] + sub[2] + sub[3]
     ra, ra2, ga = _quantile_index(nt, alpha)
     rb, rb2, gb = _quantile_index(nt, 100.0 - alpha)
-    la, ha, before_a = _rank_bins(counts, ra, ra2)
-    lb, hb, before_b = _rank_bins(counts, rb, rb2)
-    ma = 0
-    mb = 0
-    for p in range(nt):
-        v = v0[p]
-        b = _bin(v, -2.0, scale)
-        if b >= la and b <= ha:
-            s_a[ma] = v
-            ma += 1
-        if b >= lb and b <= hb:
-            s_b[mb] = v
-            mb += 1
+    la, ha, _ = _rank_bins(counts, ra, ra2)
+    lb, hb, _ = _rank_bins(counts, rb, rb2)
+    before_a, ma = _collect(v0, nt, -2.0, scale, la, ha, s_a)
+    before_b, mb = _collect(v0, nt, -2.0, scale, lb, hb, s_b)
     lo, hi = _pick(s_a, ma, ra - before_a, ra2 > ra)
     min_phi = _lerp(_angle_of_pseudo(lo), _angle_of_pseudo(hi), ga)
     lo, hi = _pick(s_b, mb, rb - before_b, rb2 > rb)
@@ -424,8 +435,8 @@ def macenko_estimate(px, lut, alpha, beta, he, max_c, pinv, s_a, s_b, v0, v1):
         hi1 += max(x1, y1)
     sc0 = _NBINS / (hi0 - lo0)
     sc1 = _NBINS / (hi1 - lo1)
-    counts[:] = 0
-    counts1 = np.zeros(_NBINS, np.int64)
+    sub[:, :] = 0
+    sub1 = np.zeros((4, _NBINS), np.int64)
     p00, p01, p02 = pinv[0, 0], pinv[0, 1], pinv[0, 2]
     p10, p11, p12 = pinv[1, 0], pinv[1, 1], pinv[1, 2]
     for p in range(npx):
@@ -436,24 +447,15 @@ def macenko_estimate(px, lut, alpha, beta, he, max_c, pinv, s_a, s_b, v0, v1):
         y = p10 * o0 + p11 * o1 + p12 * o2
         v0[p] = x
         v1[p] = y
-        counts[_bin(x, lo0, sc0)] += 1
-        counts1[_bin(y, lo1, sc1)] += 1
+        sub[p & 3, _bin(x, lo0, sc0)] += 1
+        sub1[p & 3, _bin(y, lo1, sc1)] += 1
+    counts = sub[0] + sub[1] + sub[2] + sub[3]
+    counts1 = sub1[0] + sub1[1] + sub1[2] + sub1[3]
     r, r2, g = _quantile_index(npx, 99.0)
-    la, ha, before_a = _rank_bins(counts, r, r2)
-    lb, hb, before_b = _rank_bins(counts1, r, r2)
-    ma = 0
-    mb = 0
-    for p in range(npx):
-        x = v0[p]
-        b = _bin(x, lo0, sc0)
-        if b >= la and b <= ha:
-            s_a[ma] = x
-            ma += 1
-        y = v1[p]
-        b = _bin(y, lo1, sc1)
-        if b >= lb and b <= hb:
-            s_b[mb] = y
-            mb += 1
+    la, ha, _ = _rank_bins(counts, r, r2)
+    lb, hb, _ = _rank_bins(counts1, r, r2)
+    before_a, ma = _collect(v0, npx, lo0, sc0, la, ha, s_a)
+    before_b, mb = _collect(v1, npx, lo1, sc1, lb, hb, s_b)
     lo, hi = _pick(s_a, ma, r - before_a, r2 > r)
     max_c[0] = _lerp(lo, hi, g)
     lo, hi = _pick(s_b, mb, r - before_b, r2 > r)
@@ -463,11 +465,13 @@ def macenko_estimate(px, lut, alpha, beta, he, max_c, pinv, s_a, s_b, v0, v1):
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
-def _macenko_patch(px, dst, lut, io, alpha, beta, he_ref, max_c_ref, min_tissue, he, maxc, work):
+def _macenko_patch(
+    px, dst, lut, io, alpha, beta, he_ref, max_c_ref, min_tissue, he, maxc, work, iwork
+):
     npx = px.shape[0]
     pinv = np.empty((2, 3))
     ok, ns = macenko_estimate(
-        px, lut, alpha, beta, he, maxc, pinv, work[0], work[1], work[2], work[3]
+        px, lut, alpha, beta, he, maxc, pinv, work[0], work[1], work[2], work[3], iwork
     )
     if not ok or ns < max(min_tissue * npx, 3.0):
         dst[:, :] = px
@@ -507,6 +511,7 @@ def macenko_batch(
     status = np.zeros(n, np.int8)
     lanes = max(1, min(n_workers, n))
     work = np.empty((lanes, 4, npx))
+    iwork = np.empty((lanes, npx), np.int32)
     for lane in prange(lanes):
         for i in range(lane, n, lanes):
             status[i] = _macenko_patch(
@@ -522,6 +527,7 @@ def macenko_batch(
                 he_out[i],
                 maxc_out[i],
                 work[lane],
+                iwork[lane],
             )
     return status
 
@@ -530,53 +536,61 @@ def macenko_batch(
 # Reinhard (LAB, torchstain conventions: L in 0..100, a/b centred on 0)
 
 
-# Reinhard kernels are written as gather passes (table lookups, scalar) and arithmetic-only
-# passes over planes that LLVM vectorises (no branches, no calls: cube roots by a rational
-# guess plus Halley steps, the sRGB gamma as cbrt(sqrt(sqrt(v)))**5).
+# Reinhard kernels are written as one gather pass (table lookups, scalar) and arithmetic-only
+# float32 passes over planes that LLVM vectorises (no branches, no calls: cube roots by a
+# rational guess plus Halley steps, the sRGB gamma as cbrt(sqrt(sqrt(v)))**5). float32 like
+# torchstain's own LAB arithmetic; every constant below is float32 so nothing widens.
 _FAST = {"fastmath": True, "error_model": "numpy", "cache": True, "nogil": True}
-_CBRT_P = (0.15753486, 10.09674091, 20.09032233)
-_CBRT_Q = (18.22932308, 11.12684905)
+_f = np.float32
+_P0, _P1, _P2 = _f(0.15753486), _f(10.09674091), _f(20.09032233)  # cbrt guess on [0.0089, 1.07]
+_Q1, _Q2 = _f(18.22932308), _f(11.12684905)
+_ONE, _ZERO, _TWO = _f(1.0), _f(0.0), _f(2.0)
+_EPS, _KAPPA, _OFF, _HI = _f(0.008856), _f(7.787), _f(16.0 / 116.0), _f(1.07)
+_INV_KAPPA, _FINV_EPS = _f(1.0 / 7.787), _f(0.2068966)
+_L116, _L16, _A500, _B200 = _f(116.0), _f(16.0), _f(500.0), _f(200.0)
+_INV116, _INV500, _INV200 = _f(1.0 / 116.0), _f(1.0 / 500.0), _f(1.0 / 200.0)
+_G_LIN, _G_A, _G_B, _G_SLOPE = _f(0.0031308), _f(1.055), _f(0.055), _f(12.92)
+_U0, _U1, _F255 = _f(0.55), _f(0.45), _f(255.0)
+_W0, _W2 = _f(WHITE[0]), _f(WHITE[2])
+_M32 = XYZ2RGB.astype(np.float32)
 
 
 @njit(inline="always", **_FAST)
 def _halley_cbrt(y, t):
     y3 = y * y * y
-    return y * (y3 + 2.0 * t) / (2.0 * y3 + t)
+    return y * (y3 + _TWO * t) / (_TWO * y3 + t)
 
 
 @njit(inline="always", **_FAST)
 def _lab_f_v(t):
-    """LAB f(t); the cube root branch is exact to ~1e-14 for t in (0.008856, 1.07]."""
-    tc = min(max(t, 0.008856), 1.07)
-    y = (_CBRT_P[0] + tc * (_CBRT_P[1] + tc * _CBRT_P[2])) / (
-        1.0 + tc * (_CBRT_Q[0] + tc * _CBRT_Q[1])
-    )
+    """LAB f(t) in float32; the cube root branch by a rational guess and two Halley steps."""
+    tc = min(max(t, _EPS), _HI)
+    y = (_P0 + tc * (_P1 + tc * _P2)) / (_ONE + tc * (_Q1 + tc * _Q2))
     y = _halley_cbrt(_halley_cbrt(y, tc), tc)
-    return y if t > 0.008856 else 7.787 * t + 16.0 / 116.0
+    return y if t > _EPS else _KAPPA * t + _OFF
 
 
 @njit(inline="always", **_FAST)
 def _finv_v(t):
-    return t * t * t if t > 0.2068966 else (t - 16.0 / 116.0) * (1.0 / 7.787)
+    return t * t * t if t > _FINV_EPS else (t - _OFF) * _INV_KAPPA
 
 
 @njit(inline="always", **_FAST)
 def _srgb8_v(v):
     """``uint8(255 * clip(sRGB gamma(v), 0, 1))`` as torchstain (truncation)."""
-    vc = min(max(v, 0.0031308), 1.0)
-    u = math.sqrt(math.sqrt(vc))  # v**(1/2.4) = cbrt(v**0.25)**5
-    y = 0.55 + 0.45 * u
-    y = _halley_cbrt(_halley_cbrt(_halley_cbrt(y, u), u), u)
+    vc = min(max(v, _G_LIN), _ONE)
+    u = np.sqrt(np.sqrt(vc))  # v**(1/2.4) = cbrt(v**0.25)**5
+    y = _halley_cbrt(_halley_cbrt(_U0 + _U1 * u, u), u)
     y2 = y * y
-    g = 1.055 * (y2 * y2 * y) - 0.055 if v > 0.0031308 else 12.92 * v
-    g = 1.0 if v >= 1.0 else min(max(g, 0.0), 1.0)
-    return np.uint8(g * 255.0)
+    g = _G_A * (y2 * y2 * y) - _G_B if v > _G_LIN else _G_SLOPE * v
+    g = _ONE if v >= _ONE else min(max(g, _ZERO), _ONE)
+    return np.uint8(g * _F255)
 
 
 def _xyz_luts() -> np.ndarray:
     """(3, 3, 256): XYZ/white contribution of channel c's 8-bit value to component k."""
     lin = srgb_linear_lut()
-    return (RGB2XYZ / WHITE[:, None])[:, :, None] * lin[None, None, :]
+    return ((RGB2XYZ / WHITE[:, None])[:, :, None] * lin[None, None, :]).astype(np.float32)
 
 
 _XYZ_LUT = _xyz_luts()
@@ -605,9 +619,9 @@ def _lab_from_xyz(tx, ty, tz):
         fx = _lab_f_v(tx[p])
         fy = _lab_f_v(ty[p])
         fz = _lab_f_v(tz[p])
-        tx[p] = 116.0 * fy - 16.0
-        ty[p] = 500.0 * (fx - fy)
-        tz[p] = 200.0 * (fy - fz)
+        tx[p] = _L116 * fy - _L16
+        ty[p] = _A500 * (fx - fy)
+        tz[p] = _B200 * (fy - fz)
 
 
 @njit(**_FAST)
@@ -627,17 +641,20 @@ def _mean_std(v):
 @njit(**_FAST)
 def _lab_to_rgb8(ll, aa, bb, mean, s, mean_t, r8, g8, b8):
     """Standardise the LAB planes to the target statistics and convert to 8-bit sRGB planes."""
+    m0, m1, m2 = np.float32(mean[0]), np.float32(mean[1]), np.float32(mean[2])
+    s0, s1, s2 = np.float32(s[0]), np.float32(s[1]), np.float32(s[2])
+    t0, t1, t2 = np.float32(mean_t[0]), np.float32(mean_t[1]), np.float32(mean_t[2])
     for p in range(ll.shape[0]):
-        lv = (ll[p] - mean[0]) * s[0] + mean_t[0]
-        av = (aa[p] - mean[1]) * s[1] + mean_t[1]
-        bv = (bb[p] - mean[2]) * s[2] + mean_t[2]
-        fy = (lv + 16.0) * (1.0 / 116.0)
-        x = _finv_v(av * (1.0 / 500.0) + fy) * WHITE[0]
+        lv = (ll[p] - m0) * s0 + t0
+        av = (aa[p] - m1) * s1 + t1
+        bv = (bb[p] - m2) * s2 + t2
+        fy = (lv + _L16) * _INV116
+        x = _finv_v(av * _INV500 + fy) * _W0
         y = _finv_v(fy)
-        z = _finv_v(fy - bv * (1.0 / 200.0)) * WHITE[2]
-        r8[p] = _srgb8_v(XYZ2RGB[0, 0] * x + XYZ2RGB[0, 1] * y + XYZ2RGB[0, 2] * z)
-        g8[p] = _srgb8_v(XYZ2RGB[1, 0] * x + XYZ2RGB[1, 1] * y + XYZ2RGB[1, 2] * z)
-        b8[p] = _srgb8_v(XYZ2RGB[2, 0] * x + XYZ2RGB[2, 1] * y + XYZ2RGB[2, 2] * z)
+        z = _finv_v(fy - bv * _INV200) * _W2
+        r8[p] = _srgb8_v(_M32[0, 0] * x + _M32[0, 1] * y + _M32[0, 2] * z)
+        g8[p] = _srgb8_v(_M32[1, 0] * x + _M32[1, 1] * y + _M32[1, 2] * z)
+        b8[p] = _srgb8_v(_M32[2, 0] * x + _M32[2, 1] * y + _M32[2, 2] * z)
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
@@ -654,7 +671,8 @@ def _lab_moments(px, od, beta, mean, std, tx, ty, tz):
 def lab_stats(px, od, beta, mean, std):
     """Mean and population std of L, a, b over all pixels of ``px`` (P, 3)."""
     n = px.shape[0]
-    _lab_moments(px, od, beta, mean, std, np.empty(n), np.empty(n), np.empty(n))
+    f32 = np.float32
+    _lab_moments(px, od, beta, mean, std, np.empty(n, f32), np.empty(n, f32), np.empty(n, f32))
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
@@ -688,7 +706,7 @@ def reinhard_batch(batch, od, beta, min_tissue, mean_t, std_t, out, stats_out, n
     npx = batch.shape[1] * batch.shape[2]
     status = np.zeros(n, np.int8)
     lanes = max(1, min(n_workers, n))
-    work = np.empty((lanes, 3, npx))
+    work = np.empty((lanes, 3, npx), np.float32)
     planes = np.empty((lanes, 3, npx), np.uint8)
     for lane in prange(lanes):
         for i in range(lane, n, lanes):
@@ -824,12 +842,11 @@ def _vahadane_patch(
         return PASSTHROUGH
     s0 = max_c_tgt[0] / maxc[0]
     s1 = max_c_tgt[1] / maxc[1]
-    g00, g01, g11 = _gram(d_src)
-    a = np.empty(2)
+    c0 = work[0]  # the concentrations solved for the percentiles (not reordered)
+    c1 = work[1]
     for p in range(npx):
-        _nn_lasso2(od255[px[p, 0]], od255[px[p, 1]], od255[px[p, 2]], d_src, g00, g01, g11, lam, a)
-        a0 = a[0] * s0
-        a1 = a[1] * s1
+        a0 = c0[p] * s0
+        a1 = c1[p] * s1
         for c in range(3):
             dst[p, c] = np.uint8(255.0 * math.exp(-(a0 * d_tgt[0, c] + a1 * d_tgt[1, c])))
     return OK

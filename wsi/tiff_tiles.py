@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -67,6 +68,34 @@ def _why_unsupported(page: Any) -> str | None:
     return None
 
 
+def _level_layout(path: Path, index: int, dims: tuple[int, int], pages: list[Any]) -> TiffLevel | None:
+    """The tiled page of size ``dims`` as a TiffLevel, or None (logged) if it is not decodable here."""
+    w, h = dims
+    page = next((p for p in pages if p.imagewidth == w and p.imagelength == h and p.is_tiled), None)
+    if page is None:
+        return None
+    why = _why_unsupported(page)
+    if why is not None:
+        logger.debug("%s: level %d read through the backend (%s)", path, index, why)
+        return None
+    tw, th = int(page.tilewidth), int(page.tilelength)
+    return TiffLevel(
+        width=w,
+        height=h,
+        tile_width=tw,
+        tile_height=th,
+        tiles_across=-(-w // tw),
+        tiles_down=-(-h // th),
+        offsets=np.asarray(page.dataoffsets, np.int64),
+        bytecounts=np.asarray(page.databytecounts, np.int64),
+        compression=int(page.compression),
+        jpegtables=page.jpegtables,
+        # resolved here, in one thread: is_jfif reads the file through tifffile's handle
+        colorspaces=_jpeg_colorspaces(page) if page.compression == JPEG else (None, _RGB),
+        decoder=page.decode,
+    )
+
+
 class TiffTileSource:
     """Stored tiles of a slide's pyramid levels; ``decode(level, tx, ty)`` returns a full tile.
 
@@ -74,11 +103,11 @@ class TiffTileSource:
     decoded directly (callers then read regions through the slide backend).
     """
 
-    def __init__(self, path: Path, tif: Any, levels: dict[int, TiffLevel]) -> None:
+    def __init__(self, path: Path, levels: dict[int, TiffLevel]) -> None:
         self.path = path
         self.levels = levels
-        self._tif = tif
         self._fd: int | None = os.open(path, os.O_RDONLY)
+        self._finalizer = weakref.finalize(self, os.close, self._fd)  # if never closed
 
     @classmethod
     def open(cls, path: str | Path, level_dimensions: tuple[tuple[int, int], ...]) -> TiffTileSource | None:
@@ -91,42 +120,21 @@ class TiffTileSource:
         except Exception as err:  # not a TIFF (or unreadable): the backend path handles it
             logger.debug("%s: no direct tile access (%s)", path, err)
             return None
-        try:
-            pages = [lvl.keyframe for s in tif.series[:1] for lvl in s.levels]
-            pages += [p for p in tif.pages if p not in pages]
-        except Exception as err:
-            logger.debug("%s: no direct tile access (%s)", path, err)
-            tif.close()
-            return None
-        levels: dict[int, TiffLevel] = {}
-        for index, (w, h) in enumerate(level_dimensions):
-            page = next((p for p in pages if p.imagewidth == w and p.imagelength == h and p.is_tiled), None)
-            if page is None:
-                continue
-            why = _why_unsupported(page)
-            if why is not None:
-                logger.debug("%s: level %d read through the backend (%s)", path, index, why)
-                continue
-            tw, th = int(page.tilewidth), int(page.tilelength)
-            levels[index] = TiffLevel(
-                width=w,
-                height=h,
-                tile_width=tw,
-                tile_height=th,
-                tiles_across=-(-w // tw),
-                tiles_down=-(-h // th),
-                offsets=np.asarray(page.dataoffsets, np.int64),
-                bytecounts=np.asarray(page.databytecounts, np.int64),
-                compression=int(page.compression),
-                jpegtables=page.jpegtables,
-                # resolved here, in one thread: is_jfif reads the file through tifffile's handle
-                colorspaces=_jpeg_colorspaces(page) if page.compression == JPEG else (None, _RGB),
-                decoder=page.decode,
-            )
+        with tif:  # layout and decoders stay in memory; tiles are then read with pread
+            try:
+                pages = [lvl.keyframe for s in tif.series[:1] for lvl in s.levels]
+                pages += [p for p in tif.pages if p not in pages]
+                levels = {
+                    index: lv
+                    for index, dims in enumerate(level_dimensions)
+                    if (lv := _level_layout(path, index, dims, pages)) is not None
+                }
+            except Exception as err:  # a TIFF tifffile cannot lay out: the backend path handles it
+                logger.debug("%s: no direct tile access (%s)", path, err)
+                return None
         if 0 not in levels:
-            tif.close()
             return None
-        return cls(path, tif, levels)
+        return cls(path, levels)
 
     def tile_bytes(self, level: int, tx: int, ty: int) -> bytes:
         """Raw stored bytes of tile (tx, ty) of ``level`` (empty for a missing tile)."""
@@ -180,10 +188,8 @@ class TiffTileSource:
         return self.decode_bytes(level, ty * lv.tiles_across + tx, data, out)
 
     def close(self) -> None:
-        fd, self._fd = self._fd, None
-        if fd is not None:
-            os.close(fd)
-        self._tif.close()
+        self._fd = None
+        self._finalizer()
 
     def __enter__(self) -> TiffTileSource:
         return self

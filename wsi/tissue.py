@@ -102,14 +102,16 @@ def _glass_white(rgb: np.ndarray) -> np.ndarray:
 
 
 @njit(cache=True, nogil=True, parallel=True)
-def _block_background(rgb: np.ndarray, block: int, white: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _block_background(
+    rgb: np.ndarray, block: int, white: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
     """Per-block glass colour ``(gh, gw, 3)`` and whether the block had enough glass."""
     h, w, _ = rgb.shape
     gh = (h + block - 1) // block
     gw = (w + block - 1) // block
     bg = np.zeros((gh, gw, 3), np.float64)
     valid = np.zeros((gh, gw), np.uint8)
-    vmin = 0.8 * max(white[0], white[1], white[2])
+    vmin = 0.75 * max(white[0], white[1], white[2])
     for by in prange(gh):
         for bx in range(gw):
             y0, x0 = by * block, bx * block
@@ -145,7 +147,12 @@ def _block_background(rgb: np.ndarray, block: int, white: np.ndarray) -> tuple[n
                         s1 += g
                         s2 += b
                         m += 1
-            if m > 0 and s0 / m >= 0.85 * white[0] and s1 / m >= 0.85 * white[1] and s2 / m >= 0.85 * white[2]:
+            if (
+                m > 0
+                and s0 / m >= 0.8 * white[0]
+                and s1 / m >= 0.8 * white[1]
+                and s2 / m >= 0.8 * white[2]
+            ):
                 bg[by, bx, 0] = s0 / m
                 bg[by, bx, 1] = s1 / m
                 bg[by, bx, 2] = s2 / m
@@ -215,7 +222,8 @@ def _ink_class(r: float, g: float, b: float, rs: float, gs: float, bs: float) ->
     cls = 0
     if s >= 0.08:
         if mx == r:
-            hue = 60.0 * (((g - b) / chroma) % 6.0)
+            h6 = (g - b) / chroma
+            hue = 60.0 * (h6 + 6.0 if h6 < 0.0 else h6)
         elif mx == g:
             hue = 60.0 * ((b - r) / chroma + 2.0)
         else:
@@ -245,12 +253,12 @@ def _ink_class(r: float, g: float, b: float, rs: float, gs: float, bs: float) ->
 
 @njit(cache=True, nogil=True, parallel=True)
 def _features(
-    rgb: np.ndarray, smooth: np.ndarray, bg: np.ndarray, block: int
+    rgb: np.ndarray, bg: np.ndarray, block: int, radius: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Saturation, optical density and ink class of every pixel, relative to the local glass.
 
-    The glass colour is bilinearly interpolated between block centres; ``smooth`` is a
-    box-blurred copy of ``rgb`` on which black ink is judged.
+    The glass colour is bilinearly interpolated between block centres. Black ink is judged on
+    the mean colour of the ``(2 radius + 1)^2`` window around dark pixels.
     """
     h, w, _ = rgb.shape
     gh, gw, _ = bg.shape
@@ -295,54 +303,33 @@ def _features(
             mx = max(r, g, b)
             s = (mx - min(r, g, b)) / mx
             sat[y, x] = s
-            rs = min((smooth[y, x, 0] + 0.5) * i0, 1.0)
-            gs = min((smooth[y, x, 1] + 0.5) * i1, 1.0)
-            bs = min((smooth[y, x, 2] + 0.5) * i2, 1.0)
+            rs = gs = bs = 1.0
+            if mx < 0.6:  # dark: black ink is judged on the mean colour around the pixel
+                ya, yb = max(y - radius, 0), min(y + radius + 1, h)
+                xa, xb = max(x - radius, 0), min(x + radius + 1, w)
+                a0 = a1 = a2 = 0
+                for yy in range(ya, yb):
+                    for xx in range(xa, xb):
+                        a0 += rgb[yy, xx, 0]
+                        a1 += rgb[yy, xx, 1]
+                        a2 += rgb[yy, xx, 2]
+                inv_n = 1.0 / ((yb - ya) * (xb - xa))
+                rs = min((a0 * inv_n + 0.5) * i0, 1.0)
+                gs = min((a1 * inv_n + 0.5) * i1, 1.0)
+                bs = min((a2 * inv_n + 0.5) * i2, 1.0)
             if s >= 0.08 or max(rs, gs, bs) < 0.45:
                 ink[y, x] = _ink_class(r, g, b, rs, gs, bs)
     return sat, od, ink
 
 
-@njit(cache=True, nogil=True, parallel=True)
-def _box_blur(rgb: np.ndarray, radius: int) -> np.ndarray:
-    """Mean over a ``(2r+1)^2`` window (clipped at the borders): separable running sums."""
-    h, w, _ = rgb.shape
-    out = np.empty((h, w, 3), np.uint8)
-    if radius <= 0:
-        out[:] = rgb
-        return out
-    horiz = np.empty((h, w, 3), np.int32)
-    for y in prange(h):
-        for c in range(3):
-            acc = 0
-            for x in range(min(radius, w)):
-                acc += rgb[y, x, c]
-            for x in range(w):
-                if x + radius < w:
-                    acc += rgb[y, x + radius, c]
-                if x - radius - 1 >= 0:
-                    acc -= rgb[y, x - radius - 1, c]
-                horiz[y, x, c] = acc
-    for y in prange(h):
-        ya, yb = max(y - radius, 0), min(y + radius + 1, h)
-        for x in range(w):
-            inv = 1.0 / ((yb - ya) * (min(x + radius + 1, w) - max(x - radius, 0)))
-            for c in range(3):
-                acc = 0
-                for yy in range(ya, yb):
-                    acc += horiz[yy, x, c]
-                out[y, x, c] = np.uint8(acc * inv + 0.5)
-    return out
-
-
 @njit(cache=True, nogil=True)
-def _otsu(values: np.ndarray, exclude: np.ndarray, nbins: int) -> float:
-    """Otsu threshold of ``values`` in [0, 1] over pixels where ``exclude == 0``."""
+def _otsu(values: np.ndarray, ink: np.ndarray, strokes: np.ndarray, nbins: int) -> float:
+    """Otsu threshold of ``values`` in [0, 1] over pixels that are neither strong ink nor stroke."""
     h, w = values.shape
     hist = np.zeros(nbins, np.float64)
     for y in range(h):
         for x in range(w):
-            if exclude[y, x] == 0:
+            if (ink[y, x] & _INK_STRONG) == 0 and strokes[y, x] == 0:
                 v = values[y, x]
                 i = min(max(int(v * nbins), 0), nbins - 1)
                 hist[i] += 1.0
@@ -371,13 +358,19 @@ def _otsu(values: np.ndarray, exclude: np.ndarray, nbins: int) -> float:
 
 @njit(cache=True, nogil=True)
 def _threshold(
-    sat: np.ndarray, od: np.ndarray, ink: np.ndarray, sat_t: float, od_t: float
+    sat: np.ndarray, od: np.ndarray, ink: np.ndarray, strokes: np.ndarray, sat_t: float, od_t: float
 ) -> np.ndarray:
+    """Tissue candidates: saturated and darker than the glass, not ink."""
     h, w = sat.shape
     out = np.zeros((h, w), np.uint8)
     for y in range(h):
         for x in range(w):
-            if ink[y, x] == 0 and sat[y, x] >= sat_t and od[y, x] >= od_t:
+            if (
+                sat[y, x] >= sat_t
+                and od[y, x] >= od_t
+                and (ink[y, x] & _INK_STRONG) == 0
+                and strokes[y, x] == 0
+            ):
                 out[y, x] = 1
     return out
 
@@ -416,7 +409,15 @@ def _dilate(mask: np.ndarray, radius: int) -> np.ndarray:
     pre = _row_prefix(mask, 1)
     out = np.zeros((h, w), np.uint8)
     for y in prange(h):
+        n_near = 0
+        for yy in range(max(y - radius, 0), min(y + radius + 1, h)):
+            n_near += pre[yy, w]
+        if n_near == 0:
+            continue  # no foreground within reach of this row
         for x in range(w):
+            if mask[y, x] != 0:
+                out[y, x] = 1
+                continue
             for dy in range(-radius, radius + 1):
                 yy = y + dy
                 if yy < 0 or yy >= h:
@@ -440,6 +441,13 @@ def _erode(mask: np.ndarray, radius: int) -> np.ndarray:
     pre = _row_prefix(mask, 0)
     out = np.zeros((h, w), np.uint8)
     for y in prange(h):
+        n_near = 0
+        for yy in range(max(y - radius, 0), min(y + radius + 1, h)):
+            n_near += pre[yy, w]
+        if n_near == 0:  # no background within reach of this row
+            for x in range(w):
+                out[y, x] = mask[y, x]
+            continue
         for x in range(w):
             if mask[y, x] == 0:
                 continue
@@ -584,42 +592,38 @@ def _ink_strokes_kernel(ink: np.ndarray, min_px: float, shift: int) -> np.ndarra
     into the touching faint ink of the same class (``class << shift``): hysteresis."""
     h, w = ink.shape
     out = np.zeros((h, w), np.uint8)
+    counts = np.zeros(256, np.int64)
+    for y in range(h):
+        for x in range(w):
+            counts[ink[y, x]] += 1
     cls = 1
     while cls < (1 << shift):
         weak = cls << shift
-        fam = np.zeros((h, w), np.uint8)
-        n_strong = 0
-        for y in range(h):
-            for x in range(w):
-                v = ink[y, x]
-                if v == cls:
-                    fam[y, x] = 2
-                    n_strong += 1
-                elif v == weak:
-                    fam[y, x] = 1
-        if n_strong >= min_px:
-            # strong components big enough to be strokes
-            row, start, end, first = _runs(fam, 2)
+        if counts[cls] >= min_px:
+            # strong components big enough to be strokes are the seeds
+            row, start, end, first = _runs(ink, cls)
             comp, areas, _ = _label_runs(row, start, end, first, w, True)
+            seed = np.zeros((h, w), np.uint8)
+            fam = np.zeros((h, w), np.uint8)
             for k in range(row.shape[0]):
                 if areas[comp[k]] >= min_px:
-                    fam[row[k], start[k] : end[k]] = 3  # seed
-            # family components (strong or faint) that hold a seed
+                    seed[row[k], start[k] : end[k]] = 1
             for y in range(h):
                 for x in range(w):
-                    if fam[y, x] == 2:
+                    v = ink[y, x]
+                    if v == cls or v == weak:  # noqa: SIM109 (Numba kernel)
                         fam[y, x] = 1
-            seeded = np.zeros((h, w), np.uint8)
-            for y in range(h):
-                for x in range(w):
-                    seeded[y, x] = 1 if fam[y, x] != 0 else 0
-            row, start, end, first = _runs(seeded, 1)
+            # family components (strong or faint ink of this colour) that hold a seed
+            row, start, end, first = _runs(fam, 1)
             comp, areas, _ = _label_runs(row, start, end, first, w, True)
             hit = np.zeros(areas.shape[0], np.uint8)
             for k in range(row.shape[0]):
+                c = comp[k]
+                if hit[c]:
+                    continue
                 for x in range(start[k], end[k]):
-                    if fam[row[k], x] == 3:
-                        hit[comp[k]] = 1
+                    if seed[row[k], x]:
+                        hit[c] = 1
                         break
             for k in range(row.shape[0]):
                 if hit[comp[k]]:
@@ -717,8 +721,8 @@ def tissue_features(rgb: np.ndarray, mpp: float) -> tuple[np.ndarray, np.ndarray
     white = _glass_white(rgb)
     bg, valid = _block_background(rgb, block, white)
     bg = _fill_blocks(bg, valid, white)
-    smooth = _box_blur(rgb, int(min(max(round(_BLACK_SMOOTH_UM / mpp), 0), _RADIUS_PX_MAX)))
-    return _features(rgb, smooth, bg, block)
+    radius = int(min(max(round(_BLACK_SMOOTH_UM / mpp), 0), _RADIUS_PX_MAX))
+    return _features(rgb, bg, block, radius)
 
 
 def _ink_strokes(ink: np.ndarray, p: _Params) -> np.ndarray:
@@ -733,11 +737,14 @@ def _ink_strokes(ink: np.ndarray, p: _Params) -> np.ndarray:
 
 def _segment(rgb: np.ndarray, p: _Params) -> tuple[np.ndarray, dict[str, Any]]:
     sat, od, ink = tissue_features(rgb, p.mpp)
-    ink_px = _ink_strokes(ink, p) if p.remove_pen else np.zeros(sat.shape, np.uint8)
-    exclude = (((ink & _INK_STRONG) != 0) | (ink_px != 0)).astype(np.uint8)
-    otsu = _otsu(sat, exclude, 256)
+    if p.remove_pen:
+        ink_px = _ink_strokes(ink, p)
+    else:
+        ink_px = np.zeros(sat.shape, np.uint8)
+        ink = ink_px  # ink is tissue like anything else
+    otsu = _otsu(sat, ink, ink_px, 256)
     sat_t = float(min(max(otsu, _SAT_CLAMP[0]), _SAT_CLAMP[1]))
-    mask = _threshold(sat, od, exclude, sat_t, _OD_MIN)
+    mask = _threshold(sat, od, ink, ink_px, sat_t, _OD_MIN)
     r_close, r_open = p.radius(_CLOSE_UM), p.radius(_OPEN_UM)
     mask = _erode(_dilate(mask, r_close), r_close)  # close: join lacy stroma, fat septa
     mask = _dilate(_erode(mask, r_open), r_open)  # open: drop specks and threads
@@ -745,7 +752,11 @@ def _segment(rgb: np.ndarray, p: _Params) -> tuple[np.ndarray, dict[str, Any]]:
     mask = _remove_small(mask, max(1.0, p.area_px(p.min_tissue_area_mm2)))
     if p.remove_pen and ink_px.any():
         mask = _remove_small(_and_not(mask, ink_px), max(1.0, p.area_px(p.min_tissue_area_mm2)))
-    info = {"otsu_saturation": float(otsu), "saturation_threshold": sat_t, "ink_fraction": float(ink_px.mean())}
+    info = {
+        "otsu_saturation": float(otsu),
+        "saturation_threshold": sat_t,
+        "ink_fraction": float(ink_px.mean()),
+    }
     return mask.astype(bool), info
 
 
@@ -863,7 +874,9 @@ class TissueMask:
             side = float(grid.patch_size_level0)
             for x, y in np.asarray(grid.coords):
                 draw.rectangle(
-                    [x * fx, y * fy, (x + side) * fx, (y + side) * fy], outline=(0, 90, 255, 200), width=1
+                    [x * fx, y * fy, (x + side) * fx, (y + side) * fy],
+                    outline=(0, 90, 255, 200),
+                    width=1,
                 )
         line = max(2, round(max(size) / 400))
         for rings in self.polygons():
@@ -929,10 +942,16 @@ def detect_tissue(
         dims = (int(w0), int(h0))
     else:
         if mpp is None or not mpp > 0:
-            raise ValueError("detect_tissue(array) needs mpp=<µm per pixel of the array>, e.g. mpp=8.0")
+            raise ValueError(
+                "detect_tissue(array) needs mpp=<µm per pixel of the array>, e.g. mpp=8.0"
+            )
         rgb = _as_rgb(source)
         h, w = rgb.shape[:2]
-        dims = (w, h) if slide_dimensions is None else (int(slide_dimensions[0]), int(slide_dimensions[1]))
+        dims = (
+            (w, h)
+            if slide_dimensions is None
+            else (int(slide_dimensions[0]), int(slide_dimensions[1]))
+        )
         mask_mpp = float(mpp)
         use = _thumbnail_mpp(max(h, w) * mpp, mpp, target_mpp, min_thumbnail_px)
         factor = int(use / mpp + 1e-6)
@@ -952,6 +971,10 @@ def detect_tissue(
     params = _Params(mask_mpp, min_tissue_area_mm2, min_hole_area_mm2, remove_pen)
     mask, info = _segment(rgb, params)
     info["thumbnail_mpp"] = mask_mpp
-    tm = TissueMask(mask=mask, mpp=mask_mpp, scale=scale, slide_dimensions=dims, thumbnail=rgb, info=info)
-    logger.debug("tissue: %.1f%% of %dx%d px at %.2f µm/px (%s)", 100 * tm.fraction, w, h, mask_mpp, info)
+    tm = TissueMask(
+        mask=mask, mpp=mask_mpp, scale=scale, slide_dimensions=dims, thumbnail=rgb, info=info
+    )
+    logger.debug(
+        "tissue: %.1f%% of %dx%d px at %.2f µm/px (%s)", 100 * tm.fraction, w, h, mask_mpp, info
+    )
     return tm

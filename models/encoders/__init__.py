@@ -6,7 +6,7 @@
 """
 
 from . import entries as _entries  # noqa: F401  (registers the encoders)
-from .ctranspath import ConvStem, remap_ctranspath_state_dict, to_legacy_swin_state_dict
+from .ctranspath import ConvStem, remap_ctranspath_state_dict
 from .encoder import Encoder, build_trunk, count_parameters, create_encoder, flops_per_patch
 from .errors import EncoderError, UnknownEncoderError, WeightsError
 from .runtime import autocast_context, prepare_for_inference, resolve_device, resolve_precision
@@ -34,5 +34,4 @@ __all__ = [
     "resolve_device",
     "resolve_precision",
     "sha256_file",
-    "to_legacy_swin_state_dict",
 ]

@@ -10,7 +10,6 @@ layer; modern timm starts the *next* stage with it, and no longer stores the
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 
 import torch
@@ -94,14 +93,6 @@ class ConvStem(nn.Module):
         return self.norm(x)
 
 
-_LEGACY_DOWNSAMPLE = re.compile(r"^layers\.(\d+)\.downsample\.")
-
-
-def is_legacy_swin_state_dict(state_dict: Mapping[str, torch.Tensor]) -> bool:
-    """True for a timm < 0.9 Swin state dict (stage 0 ends with a downsample layer)."""
-    return any(k.startswith("layers.0.downsample.") for k in state_dict)
-
-
 def remap_ctranspath_state_dict(
     state_dict: Mapping[str, torch.Tensor], model: nn.Module
 ) -> dict[str, torch.Tensor]:
@@ -116,16 +107,3 @@ def remap_ctranspath_state_dict(
 
     out = checkpoint_filter_fn(dict(state_dict), model)
     return {k: v for k, v in out.items() if not k.startswith("head.")}
-
-
-def to_legacy_swin_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Inverse key move (modern → timm 0.5.4): ``layers.{i+1}.downsample`` → ``layers.i``.
-
-    Used to build old-layout checkpoints in tests; buffers are not re-created.
-    """
-    out: dict[str, torch.Tensor] = {}
-    for key, value in state_dict.items():
-        out[_LEGACY_DOWNSAMPLE.sub(lambda m: f"layers.{int(m.group(1)) - 1}.downsample.", key)] = (
-            value
-        )
-    return out

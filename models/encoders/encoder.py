@@ -50,7 +50,7 @@ class Encoder(nn.Module):
         self.weights_id = weights_id
         self.embed_dim = spec.embed_dim
         self.input_size = spec.input_size
-        self.num_prefix_tokens = int(getattr(trunk, "num_prefix_tokens", 1))
+        self.num_prefix_tokens = int(getattr(trunk, "num_prefix_tokens", 0))  # CLS + registers
         self.channels_last = False
         std = torch.tensor(spec.std, dtype=torch.float32).view(1, 3, 1, 1)
         mean = torch.tensor(spec.mean, dtype=torch.float32).view(1, 3, 1, 1)

@@ -72,7 +72,7 @@ register_encoder(
         input_size=224,
         native_mpp=0.5,
         license="CC-BY-NC-ND-4.0",
-        param_count=631_000_000,  # exact: 631,229,184
+        param_count=632_000_000,  # paper: 632 M; exact: 631,229,184
         timm_kwargs=_VIRCHOW_KWARGS,
         interpolation="bicubic",
         hf_hub_id="hf-hub:paige-ai/Virchow",
@@ -92,7 +92,7 @@ register_encoder(
         input_size=224,
         native_mpp=0.5,
         license="CC-BY-NC-ND-4.0",
-        param_count=631_000_000,  # exact: 631,239,424 (+4 registers, +4 pos-embeds)
+        param_count=632_000_000,  # paper: 632 M; exact: 631,239,424 (+4 registers, +4 pos-embeds)
         timm_kwargs={**_VIRCHOW_KWARGS, "reg_tokens": 4, "dynamic_img_size": True},
         interpolation="bicubic",
         hf_hub_id="hf-hub:paige-ai/Virchow2",

@@ -62,6 +62,8 @@ class EncoderSpec:
         object.__setattr__(self, "timm_kwargs", MappingProxyType(dict(self.timm_kwargs)))
         if self.pooling not in TIMM_GLOBAL_POOL:
             raise ValueError(f"{self.name}: unknown pooling {self.pooling!r}")
+        if self.pooling in ("cls", "cls+mean") and self.family != "vit":
+            raise ValueError(f"{self.name}: {self.pooling!r} pooling needs a ViT (class token)")
 
     def __reduce__(self):
         # registered specs travel by name (their kwargs hold classes and closures)

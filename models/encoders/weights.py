@@ -185,10 +185,10 @@ def cached_hub_weight_file(hub_id: str) -> Path | None:
     """Path of a hub model's weight file in the local HF cache, if it is there."""
     from huggingface_hub import try_to_load_from_cache
 
-    repo = hub_id.removeprefix("hf-hub:").split("@")[0]
+    repo, _, revision = hub_id.removeprefix("hf-hub:").partition("@")
     for name in (*HF_WEIGHT_FILES, "open_clip_pytorch_model.bin"):
         try:
-            hit = try_to_load_from_cache(repo, name)
+            hit = try_to_load_from_cache(repo, name, revision=revision or None)
         except Exception:  # invalid repo id and the like: no cached file
             return None
         if isinstance(hit, str):
