@@ -7,6 +7,8 @@ Both measurements run side by side in one process on the same generated slides:
   (imports, Numba JIT) so the timing is steady-state work. Target: 2 processes >= 1.7x one.
 * scheduling overhead: ``map_slides(probe_slide, ...)`` with no-op tasks on 2 workers; wall time
   per task. Target: < 50 ms per slide.
+* a control: equal pure-CPU tasks on 1 and 2 processes, the best ratio this machine allows now
+  (about 2.0 on an idle 2-core machine; much less when other work shares the cores).
 
     python bench/cluster.py --quick          # small slides, a smoke run (about a minute)
     python bench/cluster.py                  # the real figures (run on a quiet machine)
@@ -21,6 +23,10 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pipelines.summary import SlideResult
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -64,6 +70,32 @@ def time_tiling(paths: list[Path], n_workers: int, out: Path, save_patches: str)
     if failed:
         raise SystemExit(f"tiling failed: {failed[0].path}: {failed[0].reason}")
     return seconds, sum(r.n_patches for r in results)
+
+
+def spin(path: Path, job: object = None) -> SlideResult:
+    """A fixed amount of pure-Python CPU work standing in for a slide (the machine's ceiling)."""
+    from pipelines.summary import SlideResult
+
+    x = 0
+    for i in range(3_000_000):
+        x += i * i % 7
+    return SlideResult(Path(path).stem, str(path), "done", extra={"x": x})
+
+
+def time_ceiling(n: int, n_workers: int) -> float:
+    """Seconds for ``n`` equal CPU-bound tasks on ``n_workers`` processes: what 1 -> 2 workers
+    can gain on this machine right now (a busy machine shows a ratio well under 2)."""
+    from pipelines.cluster import cluster_client, map_slides
+    from pipelines.config import ClusterConfig
+
+    cfg = ClusterConfig(kind="local", n_workers=n_workers, threads_per_worker=1, dashboard_address=None)
+    paths = [Path(f"/nonexistent/spin-{i:03d}.svs") for i in range(n)]
+    with cluster_client(cfg) as client:
+        client.wait_for_workers(n_workers)
+        map_slides(spin, paths[:n_workers], None, cfg, client=client)  # warm-up
+        t0 = time.perf_counter()
+        map_slides(spin, paths, None, cfg, client=client)
+        return time.perf_counter() - t0
 
 
 def time_overhead(n_tasks: int, n_workers: int = 2) -> float:
@@ -122,12 +154,15 @@ def main() -> None:
         s2, patches2 = time_tiling(paths, 2, Path(tmp), a.save_patches)
     assert patches == patches2, "1 and 2 workers must lay the same grid"
     overhead = time_overhead(n_tasks)
+    c1, c2 = time_ceiling(2 * n, 1), time_ceiling(2 * n, 2)
 
     speedup = s1 / s2
     rows = [
         ("tiling, 1 worker process", f"{s1:.2f} s", f"{n / s1:.2f} slides/s", "1.00x", "baseline", ""),
         ("tiling, 2 worker processes", f"{s2:.2f} s", f"{n / s2:.2f} slides/s", f"{speedup:.2f}x",
          f">= {TARGET_SPEEDUP}x", "ok" if speedup >= TARGET_SPEEDUP else "MISS"),
+        ("CPU-bound control, 2 vs 1", f"{c2:.2f} / {c1:.2f} s", "", f"{c1 / c2:.2f}x",
+         "machine ceiling", ""),
         ("scheduling overhead", f"{overhead * 1e3:.2f} ms/slide", f"{1 / overhead:.0f} tasks/s", "",
          f"< {TARGET_OVERHEAD_MS:.0f} ms", "ok" if overhead * 1e3 < TARGET_OVERHEAD_MS else "MISS"),
     ]

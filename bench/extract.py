@@ -56,12 +56,13 @@ def make_slides(tmp: Path, n: int, size: int) -> list[Path]:
     return paths
 
 
-def job_for(encoder: str, slides: list[Path], out: Path, batch: int, mpp: float, size: int):
+def job_for(encoder: str, slides: list[Path], out: Path, batch: int, mpp: float, size: int, threads=None):
     from pipelines.config import ExtractJob, TilingConfig
 
     return ExtractJob(
         slides=[str(s) for s in slides], out=out, encoder=encoder, weights="random",
         tiling=TilingConfig(mpp=mpp, patch_size=size, min_tissue=0.5), batch_size=batch, device="cpu",
+        torch_threads=threads,
     )
 
 
@@ -105,16 +106,18 @@ def flops_per_patch(encoder, patches: torch.Tensor, batch: int) -> float:
     return counter.get_total_flops() / len(x)
 
 
-def bench_encoder(name: str, slides: list[Path], warm_slide: Path, tmp: Path, batch: int, rounds: int) -> dict:
+def bench_encoder(
+    name: str, slides: list[Path], warm_slide: Path, tmp: Path, batch: int, rounds: int, threads: int | None
+) -> dict:
     from models.encoders import get_spec
     from pipelines.extract import load_encoder, run_extract
 
     spec = get_spec(name)
     mpp = spec.native_mpp or 0.5
     size = 224 if spec.input_size >= 224 else 64
-    job = job_for(name, slides, tmp / f"{name}.zarr", batch, mpp, size)
+    job = job_for(name, slides, tmp / f"{name}.zarr", batch, mpp, size, threads)
     enc = load_encoder(job)
-    warm = job_for(name, [warm_slide], tmp / f"{name}-warm.zarr", batch, mpp, size)
+    warm = job_for(name, [warm_slide], tmp / f"{name}-warm.zarr", batch, mpp, size, threads)
     run_extract(warm, encoder=enc)  # numba kernels, slide caches, encoder warm-up
     shutil.rmtree(warm.out)
 
@@ -173,16 +176,23 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="small sizes (CI, contended machines)")
     ap.add_argument("--encoders", default="ctranspath,tiny-vit")
     ap.add_argument("--slides", type=int, default=None, help="synthetic slides (default 1 quick, 4 full)")
-    ap.add_argument("--size", type=int, default=None, help="synthetic slide width in px (default 3072 / 8192)")
+    ap.add_argument("--size", type=int, default=None, help="synthetic slide width in px (default 3072 quick, 8192 full)")
     ap.add_argument("--batch-size", type=int, default=None, help="default 8 quick, 64 full")
     ap.add_argument("--rounds", type=int, default=None, help="alternating bare/e2e rounds (default 2 quick, 3 full)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch CPU threads for bare and e2e (default: 1 with --quick, where a shared machine "
+                         "makes multi-threaded tiny ops erratic; torch's default otherwise)")
     ap.add_argument("--store-rows", type=int, default=None, help="rows per slide in the store bench")
     args = ap.parse_args()
     n_slides = args.slides or (1 if args.quick else 4)
-    size = args.size or (2048 if args.quick else 8192)
+    size = args.size or (3072 if args.quick else 8192)
     rows = args.store_rows or (5_000 if args.quick else 50_000)
     args.batch_size = args.batch_size or (8 if args.quick else 64)
     args.rounds = args.rounds or (2 if args.quick else 3)
+    if args.threads is None and args.quick:
+        args.threads = 1
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING)
 
     print(machine_info())
@@ -199,7 +209,7 @@ def main() -> None:
         print(head)
         print("-" * len(head))
         for name in args.encoders.split(","):
-            r = bench_encoder(name.strip(), slides, warm_slide, tmp, args.batch_size, args.rounds)
+            r = bench_encoder(name.strip(), slides, warm_slide, tmp, args.batch_size, args.rounds, args.threads)
             ok = "ok" if r["ratio"] >= TARGET_RATIO else "MISS"
             print(f"{r['encoder']:<12} {r['patch']:>11} {r['patches']:>8} {r['bare']:>9.1f} {r['e2e']:>9.1f} "
                   f"{r['ratio']:>6.2f} {'>=' + str(TARGET_RATIO):>5} {ok:<4} {r['spread']:>11.0%} "

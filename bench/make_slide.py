@@ -68,11 +68,15 @@ def island_field(width: int, height: int, fraction: float, seed: int) -> tuple[n
     rng = np.random.default_rng(seed)
     ch, cw = -(-height // CELL), -(-width // CELL)
     coarse = (max(ch // 8, 8), max(cw // 8, 8))  # 256 px cells
-    noise = ndimage.gaussian_filter(rng.standard_normal(coarse), sigma=max(coarse) / 14, mode="wrap")
+    noise = ndimage.gaussian_filter(
+        rng.standard_normal(coarse), sigma=max(coarse) / 14, mode="wrap"
+    )
     fine = ndimage.gaussian_filter(rng.standard_normal(coarse), sigma=max(coarse) / 60, mode="wrap")
     field = noise / noise.std() + 0.35 * fine / fine.std()
     field = ndimage.zoom(field, (ch / coarse[0], cw / coarse[1]), order=1)[:ch, :cw]
-    field = np.pad(field, ((0, max(0, ch - field.shape[0])), (0, max(0, cw - field.shape[1]))), mode="edge")
+    field = np.pad(
+        field, ((0, max(0, ch - field.shape[0])), (0, max(0, cw - field.shape[1]))), mode="edge"
+    )
     thr = float(np.quantile(field, 1.0 - fraction))
     return field.astype(np.float32), thr
 
@@ -106,7 +110,9 @@ class LevelRenderer:
         self.field = np.pad(_box_down(fld, f), 1, mode="edge")
         self.labels = lab.reshape(ph // f, f, pw // f, f).max(axis=(1, 3))
         self.thr, self.edge = thr, edge
-        self.srcs = [np.pad(_box_down(s, f), ((0, TILE), (0, TILE), (0, 0)), mode="wrap") for s in sources]
+        self.srcs = [
+            np.pad(_box_down(s, f), ((0, TILE), (0, TILE), (0, 0)), mode="wrap") for s in sources
+        ]
         self.sizes = [(s.shape[0] // f, s.shape[1] // f) for s in sources]
         rng = np.random.default_rng(seed)
         n = int(labels.max()) + 1
@@ -178,7 +184,8 @@ def make_slide(
         maxworkers=workers,
     )
     renderers = [
-        LevelRenderer(sources, field, labels, thr, 4**k, width, height, seed, edge) for k in range(levels)
+        LevelRenderer(sources, field, labels, thr, 4**k, width, height, seed, edge)
+        for k in range(levels)
     ]
     path.parent.mkdir(parents=True, exist_ok=True)
     with tifffile.TiffWriter(path, bigtiff=True) as tif:
@@ -203,7 +210,9 @@ def make_slide(
                 low = renderers[-1]
                 thumb = np.concatenate(
                     [
-                        np.concatenate([low.tile(tx, ty) for tx in range(-(-low.w // TILE))], axis=1)
+                        np.concatenate(
+                            [low.tile(tx, ty) for tx in range(-(-low.w // TILE))], axis=1
+                        )
                         for ty in range(-(-low.h // TILE))
                     ]
                 )[: low.h, : low.w]
@@ -218,7 +227,9 @@ def make_slide(
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("out", type=Path)
     p.add_argument("--width", type=int, default=100_000)
     p.add_argument("--height", type=int, default=80_000)
@@ -226,21 +237,33 @@ def main() -> None:
     p.add_argument("--tissue-fraction", type=float, default=0.4)
     p.add_argument("--quality", type=int, default=80)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workers", type=int, default=None, help="JPEG encoder threads (default: all cores)")
-    p.add_argument("--quick", action="store_true", help="small slide (12,000 x 9,000) for a smoke run")
+    p.add_argument(
+        "--workers", type=int, default=None, help="JPEG encoder threads (default: all cores)"
+    )
+    p.add_argument(
+        "--quick", action="store_true", help="small slide (12,000 x 9,000) for a smoke run"
+    )
     a = p.parse_args()
     if a.quick:
         a.width, a.height = 12_000, 9_000
     t0 = time.perf_counter()
     make_slide(
-        a.out, width=a.width, height=a.height, mpp=a.mpp, tissue_fraction=a.tissue_fraction,
-        quality=a.quality, seed=a.seed, workers=a.workers,
+        a.out,
+        width=a.width,
+        height=a.height,
+        mpp=a.mpp,
+        tissue_fraction=a.tissue_fraction,
+        quality=a.quality,
+        seed=a.seed,
+        workers=a.workers,
     )
     dt = time.perf_counter() - t0
     gp = a.width * a.height / 1e9
     size = a.out.stat().st_size / 2**20
-    print(f"wrote {a.out}: {a.width} x {a.height} px ({gp:.2f} Gpx) at {a.mpp} um/px, "
-          f"{size:.0f} MiB in {dt:.1f} s ({gp / dt * 60:.1f} Gpx/min, {os.cpu_count()} cores)")
+    print(
+        f"wrote {a.out}: {a.width} x {a.height} px ({gp:.2f} Gpx) at {a.mpp} um/px, "
+        f"{size:.0f} MiB in {dt:.1f} s ({gp / dt * 60:.1f} Gpx/min, {os.cpu_count()} cores)"
+    )
 
 
 if __name__ == "__main__":

@@ -110,7 +110,9 @@ def warm_page_cache(path: Path) -> None:
             pass
 
 
-def run_case(name_case: str, path: Path, patch: int, mpp: float, args, rows: list, checks: list) -> None:
+def run_case(
+    name_case: str, path: Path, patch: int, mpp: float, args, rows: list, checks: list
+) -> None:
     from wsi.tissue import detect_tissue
 
     for f in (2, 3):  # compile Numba kernels before timing
@@ -129,14 +131,19 @@ def run_case(name_case: str, path: Path, patch: int, mpp: float, args, rows: lis
     k = min(args.sample, n)
     start = int(np.random.default_rng(0).integers(0, n - k + 1))
     sample = np.arange(start, start + k)
-    print(f"\n## {name_case}: {n} patches of {patch} px at {mpp} µm/px (read level {grid.read_level}, "
-          f"{grid.patch_size_read} px{', resized' if grid.needs_resize else ''}); "
-          f"tissue {t_tissue:.2f} s + grid {t_grid - t_tissue:.2f} s", flush=True)
+    print(
+        f"\n## {name_case}: {n} patches of {patch} px at {mpp} µm/px (read level {grid.read_level}, "
+        f"{grid.patch_size_read} px{', resized' if grid.needs_resize else ''}); "
+        f"tissue {t_tissue:.2f} s + grid {t_grid - t_tissue:.2f} s",
+        flush=True,
+    )
 
     with TiffTileSource.open(path, dims) as src:
         spec = ReadSpec.from_grid(path, grid)
         lv = src.levels[spec.level]
-        n_tiles = int(np.count_nonzero(tile_refcounts(spec.read_positions(grid.coords), spec.size_read, lv)))
+        n_tiles = int(
+            np.count_nonzero(tile_refcounts(spec.read_positions(grid.coords), spec.size_read, lv))
+        )
         tile_px = lv.tile_width * lv.tile_height
     k = len(sample)
     methods = {  # name: (function, patches it reads)
@@ -158,31 +165,66 @@ def run_case(name_case: str, path: Path, patch: int, mpp: float, args, rows: lis
                 peak = max(peak, mem.peak)
     rate = {name: m / wall[name] for name, (_, m) in methods.items()}
     rate_cpu = {name: m / cpu[name] for name, (_, m) in methods.items()}
-    print(f"  decode limit: {n_tiles} stored tiles, {n_tiles * tile_px / wall['decode limit'] / 1e6:.0f} Mpx/s",
-          flush=True)
+    print(
+        f"  decode limit: {n_tiles} stored tiles, {n_tiles * tile_px / wall['decode limit'] / 1e6:.0f} Mpx/s",
+        flush=True,
+    )
     base, base_cpu = rate["decode limit"], rate_cpu["decode limit"]
     for k_ in methods:
-        rows.append((name_case, k_, rate[k_], rate[k_] / base, rate_cpu[k_], rate_cpu[k_] / base_cpu,
-                     cpu[k_] / wall[k_]))
+        rows.append(
+            (
+                name_case,
+                k_,
+                rate[k_],
+                rate[k_] / base,
+                rate_cpu[k_],
+                rate_cpu[k_] / base_cpu,
+                cpu[k_] / wall[k_],
+            )
+        )
     one, two = rate["slidepipe 1 worker"], rate["slidepipe 2 workers"]
     osl = rate[f"naive openslide (sample {k})"]
     checks += [
         (name_case, "slidepipe 1w / decode limit", one / base, ">= 0.8"),
-        (name_case, "  same, CPU time", rate_cpu["slidepipe 1 worker"] / base_cpu, "(robust to machine load)"),
+        (
+            name_case,
+            "  same, CPU time",
+            rate_cpu["slidepipe 1 worker"] / base_cpu,
+            "(robust to machine load)",
+        ),
         (name_case, "slidepipe 1w / naive openslide", one / osl, ">= 4"),
         (name_case, "slidepipe 2w / 1w", two / one, ">= 1.7"),
-        (name_case, "tissue + grid (s)", t_grid, f"<= 1 s at 100k x 80k (this slide {dims[0][0]} x {dims[0][1]})"),
+        (
+            name_case,
+            "  2w / 1w per CPU-s",
+            rate_cpu["slidepipe 2 workers"] / rate_cpu["slidepipe 1 worker"],
+            "(threading efficiency; ~1 = 2 workers scale with free cores)",
+        ),
+        (
+            name_case,
+            "tissue + grid (s)",
+            t_grid,
+            f"<= 1 s at 100k x 80k (this slide {dims[0][0]} x {dims[0][1]})",
+        ),
         (name_case, "peak RSS while tiling (GB)", peak / 1e9, "<= 1.5"),
     ]
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--slide", type=Path, help="an Aperio-style slide at 0.25 µm/px (bench/make_slide.py)")
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--slide", type=Path, help="an Aperio-style slide at 0.25 µm/px (bench/make_slide.py)"
+    )
     p.add_argument("--quick", action="store_true", help="generate and use a small slide")
-    p.add_argument("--sample", type=int, default=None, help="patches for the naive per-patch baselines")
+    p.add_argument(
+        "--sample", type=int, default=None, help="patches for the naive per-patch baselines"
+    )
     p.add_argument("--repeat", type=int, default=None, help="best of N runs per method")
-    p.add_argument("--size", default="16000x12000", help="W x H of the --quick slide (default 16000x12000)")
+    p.add_argument(
+        "--size", default="16000x12000", help="W x H of the --quick slide (default 16000x12000)"
+    )
     args = p.parse_args()
     args.sample = args.sample or (300 if args.quick else 3000)
     args.repeat = args.repeat or (3 if args.quick else 1)
@@ -198,26 +240,36 @@ def main() -> None:
     with open_slide(args.slide) as s:
         w, h = s.dimensions
         slide_mpp = s.mpp
-    print(f"slide {args.slide}: {w} x {h} px at {slide_mpp} µm/px, {args.slide.stat().st_size / 2**20:.0f} MiB")
-    print(f"machine: {platform.machine()} {platform.processor() or ''} | {os.cpu_count()} logical cores "
-          f"({psutil.cpu_count(logical=False)} physical) | load avg {os.getloadavg()[0]:.1f} | "
-          f"RAM {psutil.virtual_memory().total / 2**30:.0f} GiB | Python {platform.python_version()}")
+    print(
+        f"slide {args.slide}: {w} x {h} px at {slide_mpp} µm/px, {args.slide.stat().st_size / 2**20:.0f} MiB"
+    )
+    print(
+        f"machine: {platform.machine()} {platform.processor() or ''} | {os.cpu_count()} logical cores "
+        f"({psutil.cpu_count(logical=False)} physical) | load avg {os.getloadavg()[0]:.1f} | "
+        f"RAM {psutil.virtual_memory().total / 2**30:.0f} GiB | Python {platform.python_version()}"
+    )
     rows: list = []
     checks: list = []
     run_case("256 px native", args.slide, 256, slide_mpp, args, rows, checks)
     run_case(f"224 px @ 0.5 from {slide_mpp:g}", args.slide, 224, 0.5, args, rows, checks)
 
-    print(f"\n{'case':<24} {'method':<32} {'patches/s':>10} {'x decode':>9} {'per CPU-s':>10} {'x decode':>9}"
-          f" {'cores used':>10}")
+    print(
+        f"\n{'case':<24} {'method':<32} {'patches/s':>10} {'x decode':>9} {'per CPU-s':>10} {'x decode':>9}"
+        f" {'cores used':>10}"
+    )
     for case, method, v, r, vc, rc, used in rows:
         print(f"{case:<24} {method:<32} {v:>10.0f} {r:>9.2f} {vc:>10.0f} {rc:>9.2f} {used:>10.2f}")
-    print("(cores used = process CPU time / wall time: well under the worker count means other load on the machine)")
+    print(
+        "(cores used = process CPU time / wall time: well under the worker count means other load on the machine)"
+    )
     print(f"\n{'case':<24} {'check':<34} {'value':>10}  target")
     for case, what, v, target in checks:
         print(f"{case:<24} {what:<34} {v:>10.2f}  {target}")
-    print(f"\nnaive baselines: a run of {args.sample} consecutive grid patches from a random start (same "
-          f"resize as slidepipe); best of {args.repeat} interleaved round(s); process RSS "
-          f"{psutil.Process().memory_info().rss / 1e9:.2f} GB now")
+    print(
+        f"\nnaive baselines: a run of {args.sample} consecutive grid patches from a random start (same "
+        f"resize as slidepipe); best of {args.repeat} interleaved round(s); process RSS "
+        f"{psutil.Process().memory_info().rss / 1e9:.2f} GB now"
+    )
     if tmp is not None:
         tmp.cleanup()
 

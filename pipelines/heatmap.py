@@ -122,7 +122,7 @@ def render_overlay(
     """Colour ``values`` in [0, 1] over ``thumbnail`` patch by patch; overlaps are averaged.
 
     ``scale`` is thumbnail pixels per level-0 pixel (x, y). Memory: two float32 canvases of
-    the thumbnail's size.
+    the thumbnail's size plus the output image.
     """
     from matplotlib import colormaps
 
@@ -138,11 +138,11 @@ def render_overlay(
         total[y0[i] : y1[i], x0[i] : x1[i]] += values[i]
         count[y0[i] : y1[i], x0[i] : x1[i]] += 1
     covered = count > 0
-    heat = np.divide(total, count, out=np.zeros_like(total), where=covered)
-    colours = (colormaps[cmap](heat)[..., :3] * 255).astype(np.float32)
-    out = thumbnail.astype(np.float32)
-    out[covered] = (1 - alpha) * out[covered] + alpha * colours[covered]
-    return np.clip(out + 0.5, 0, 255).astype(np.uint8)
+    heat = total[covered] / count[covered]
+    colours = colormaps[cmap](heat, bytes=True)[:, :3].astype(np.float32)  # covered pixels only
+    out = thumbnail.copy()
+    out[covered] = np.clip((1 - alpha) * out[covered] + alpha * colours + 0.5, 0, 255).astype(np.uint8)
+    return out
 
 
 def write_geojson(path: Path, coords: np.ndarray, size: int, measurements: dict[str, np.ndarray]) -> Path:

@@ -44,6 +44,7 @@ CHECKPOINT_RULE = (
     "set are never used for training, early stopping or checkpoint selection"
 )
 Progress = Callable[[dict[str, Any]], None]
+FoldRunner = Callable[[Callable[..., "FoldResult"], list[dict[str, Any]]], Sequence["FoldResult"]]
 
 
 class LabelTableError(ValueError):
@@ -236,44 +237,63 @@ def collate(
             for b in bags
         ]
     n_max = max(1, max(len(b) for b in bags))
-    x = torch.zeros(len(bags), n_max, bags[0].shape[1], dtype=torch.float32)
+    x = torch.empty(len(bags), n_max, bags[0].shape[1], dtype=torch.float32)
     mask = torch.zeros(len(bags), n_max, dtype=torch.bool)
+    scale = None if std is None else 1.0 / std
     for i, b in enumerate(bags):
-        x[i, : len(b)] = b
-        mask[i, : len(b)] = True
-    if mean is not None and std is not None:
-        x.sub_(mean).div_(std).masked_fill_(~mask.unsqueeze(-1), 0.0)
+        n = len(b)
+        if mean is not None and scale is not None:  # two passes over the real rows only
+            torch.sub(b, mean, out=x[i, :n]).mul_(scale)
+        else:
+            x[i, :n] = b
+        x[i, n:] = 0.0
+        mask[i, :n] = True
     return x, mask
 
 
-def prefetch(make: Callable[[int], Any], n: int, depth: int = 2) -> Iterator[Any]:
-    """Yield ``make(0) ... make(n-1)`` computed ahead in one background thread (order kept)."""
-    q: queue.Queue = queue.Queue(maxsize=depth)
-    stop = threading.Event()
+class Prefetch:
+    """Iterate ``make(0) ... make(n-1)``, computed ahead by one background thread (order kept).
 
-    def work() -> None:
+    The thread starts at construction, so batches are prepared while the caller is still busy
+    (e.g. the next epoch's first batches during validation). ``close()`` stops it early.
+    """
+
+    def __init__(self, make: Callable[[int], Any], n: int, depth: int = 2) -> None:
+        self.n, self._i = n, 0
+        self._q: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._work, args=(make,), name="mil-batches", daemon=True)
+        self._t.start()
+
+    def _work(self, make: Callable[[int], Any]) -> None:
         try:
-            for i in range(n):
-                if stop.is_set():
+            for i in range(self.n):
+                if self._stop.is_set():
                     return
-                q.put((True, make(i)))
+                self._q.put((True, make(i)))
         except BaseException as err:  # handed to the consumer
-            q.put((False, err))
+            self._q.put((False, err))
 
-    t = threading.Thread(target=work, name="mil-batches", daemon=True)
-    t.start()
-    try:
-        for _ in range(n):
-            ok, item = q.get()
-            if not ok:
-                raise item
-            yield item
-    finally:
-        stop.set()
-        while t.is_alive():
+    def __iter__(self) -> Iterator[Any]:
+        return self
+
+    def __next__(self) -> Any:
+        if self._i >= self.n:
+            self.close()
+            raise StopIteration
+        ok, item = self._q.get()
+        self._i += 1
+        if not ok:
+            self.close()
+            raise item
+        return item
+
+    def close(self) -> None:
+        self._stop.set()
+        while self._t.is_alive():
             with contextlib.suppress(queue.Empty):
-                q.get(timeout=0.05)
-        t.join()
+                self._q.get(timeout=0.05)
+        self._t.join()
 
 
 # --------------------------------------------------------------------------- one fold
@@ -354,10 +374,11 @@ def train_fold(
     needed = [*split.train, *split.val, *split.test, *heldout]
     if isinstance(source, (str, Path)):
         source = FeatureStore(source, mode="r").load_bags(needed)
+    wanted = set(needed)
     bags = {
         k: v if isinstance(v, torch.Tensor) else as_tensors({k: v})[k]
         for k, v in source.items()
-        if k in set(needed)
+        if k in wanted
     }
     labels = cohort.labels
     n_classes = len(cohort.classes)
@@ -402,9 +423,8 @@ def _train_fold(bags, split, cohort, labels, n_classes, job, run_dir, heldout, d
     lengths = [len(b) for b in train_bags]
     if progress:
         progress({"kind": "fold_start", "repeat": split.repeat, "fold": split.fold, "epochs": job.epochs})
-    for epoch in range(job.epochs):
-        t0 = time.perf_counter()
-        model.train()
+
+    def epoch_batches() -> Prefetch:
         if job.balance == "sampler":
             p = weights[ytrain]
             draw = torch.multinomial(p, len(train_bags), replacement=True, generator=g_batches).tolist()
@@ -419,8 +439,13 @@ def _train_fold(bags, split, cohort, labels, n_classes, job, run_dir, heldout, d
                               max_instances=job.max_instances, generator=g_sub)  # fmt: skip
             return x, mask, ytrain[idx]
 
+        return Prefetch(make, len(batches))
+
+    it = epoch_batches()
+    for epoch in range(job.epochs):
+        t0 = time.perf_counter()
+        model.train()
         total, n_seen, wait = 0.0, 0, 0.0
-        it = prefetch(make, len(batches))
         while True:
             tw = time.perf_counter()
             try:
@@ -446,6 +471,7 @@ def _train_fold(bags, split, cohort, labels, n_classes, job, run_dir, heldout, d
             total += float(loss.detach()) * len(y)
             n_seen += len(y)
         train_seconds = time.perf_counter() - t0
+        it = epoch_batches() if epoch + 1 < job.epochs else None  # prepared during validation
         val_logits = predict(model, val_bags, mean, std, batch_size=job.batch_size, device=device)
         val_loss = float(F.cross_entropy(val_logits, val_y, weight=loss_weights.cpu() if loss_weights is not None else None))
         val_auc = classification_metrics(val_y.numpy(), torch.softmax(val_logits, 1).numpy())["auc"]
@@ -466,6 +492,12 @@ def _train_fold(bags, split, cohort, labels, n_classes, job, run_dir, heldout, d
             progress({"kind": "epoch", **row, "epochs": job.epochs})
         if stale >= job.patience:
             break
+    if it is not None:
+        it.close()
+    if not best_state:  # validation loss never finite: keep the last weights, say so
+        log.warning("%s: validation loss was never finite; keeping the last epoch", split.name)
+        best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        best = (float("nan"), len(rows) - 1)
     model.load_state_dict(best_state)
     ckpt_path = run_dir / f"{split.name}.pt"
     torch.save(
@@ -548,12 +580,16 @@ def train_mil(
     out: str | Path | None = None,
     job: TrainJob | None = None,
     progress: Progress | None = None,
+    fold_runner: FoldRunner | None = None,
     **options: Any,
 ) -> Results:
     """Cross-validated training of MIL head ``model`` on ``store`` with labels from ``labels``.
 
     ``job`` supplies defaults (e.g. from ``configs/train/*.yaml``); keyword arguments override it,
     ``options`` are any other ``TrainJob`` fields (``epochs``, ``lr``, ``seed``, ``splits`` ...).
+    ``fold_runner(train_fold, calls)`` runs the folds elsewhere (e.g. as Dask tasks): ``calls``
+    is a list of keyword dicts for ``train_fold`` whose ``source`` is the store path, so each
+    worker loads only its fold's bags; it returns the ``FoldResult`` list.
     """
     fs = store if isinstance(store, FeatureStore) else FeatureStore(store, mode="r")
     job = _job_from(
@@ -601,11 +637,33 @@ def train_mil(
     save_resolved_config(job, run_dir)
     pd.DataFrame({"slide_id": cohort.slide_ids, "patient_id": cohort.patients,
                   job.target: [cohort.classes[i] for i in cohort.y]}).to_csv(run_dir / "labels.csv", index=False)  # fmt: skip
-    results = [
-        train_fold(bags, f, cohort, job, run_dir, heldout=splits.heldout, progress=progress)
-        for f in splits.folds
-    ]
+    if fold_runner is None and job.cluster is not None:
+        fold_runner = _cluster_runner(job, progress)
+    if fold_runner is not None:
+        calls = [dict(source=str(fs.path), split=f, cohort=cohort, job=job, run_dir=str(run_dir),
+                      heldout=list(splits.heldout)) for f in splits.folds]  # fmt: skip
+        results = list(fold_runner(train_fold, calls))
+    else:
+        results = [
+            train_fold(bags, f, cohort, job, run_dir, heldout=splits.heldout, progress=progress)
+            for f in splits.folds
+        ]
     return write_results(results, cohort, splits, job, run_dir, seconds=time.time() - t0)
+
+
+def _cluster_runner(job: TrainJob, progress: Progress | None) -> FoldRunner:
+    """Folds as parallel Dask tasks on ``job.cluster`` (local, SLURM/PBS or an address)."""
+    from pipelines.cluster import gpu_resources, run_calls
+
+    def on_result(_: int, res: FoldResult) -> None:
+        if progress:
+            progress({"kind": "fold_end", "repeat": res.repeat, "fold": res.fold, **res.metrics})
+
+    def runner(fn, calls):
+        return run_calls(fn, [((), c) for c in calls], job.cluster, names=[c["split"].name for c in calls],
+                         resources=gpu_resources(job.cluster), on_result=on_result)  # fmt: skip
+
+    return runner
 
 
 def write_results(
@@ -617,7 +675,7 @@ def write_results(
     keys = list(METRICS) + [f"heldout_{m}" for m in METRICS if splits.heldout]
     summary = summarize(fold_metrics, keys)
     prob_cols = [f"prob_{c}" for c in cohort.classes]
-    cols = ["slide_id", "patient_id", "repeat", "fold", "part", "label", "pred", *prob_cols]
+    cols = ["slide_id", "patient_id", "fold", "repeat", "label", *prob_cols, "pred", "part"]
     predictions = pd.DataFrame([p for r in results for p in r.predictions], columns=cols)
     predictions.to_csv(run_dir / "predictions.csv", index=False)
     if job.log_csv:
@@ -655,5 +713,5 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
 __all__ = [
     "CHECKPOINT_RULE", "Cohort", "FoldResult", "LabelTableError", "Results", "SplitError",
     "UnknownSlidesError", "build_cohort", "collate", "length_batches", "load_checkpoint", "predict",
-    "prefetch", "read_label_table", "standardization_stats", "train_fold", "train_mil",
+    "Prefetch", "read_label_table", "standardization_stats", "train_fold", "train_mil",
 ]  # fmt: skip

@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,6 +61,7 @@ class StoreJob:
     out: Path
     markers: Path | None = None  # kill the worker the first time each slide is processed
     victim: str | None = None  # kill the worker every time this slide is processed
+    preempt: Path | None = None  # SLURM: cancel the worker's own job the first time (node loss)
 
 
 def write_slide(path: Path, job: StoreJob) -> SlideResult:
@@ -75,6 +77,10 @@ def write_slide(path: Path, job: StoreJob) -> SlideResult:
         w.append(feats[:32], coords[:32])
         if job.victim == sid:
             os.kill(os.getpid(), signal.SIGKILL)
+        if job.preempt is not None and not (job.preempt / sid).exists():
+            (job.preempt / sid).write_text(os.environ["SLURM_JOB_ID"])
+            subprocess.run(["scancel", os.environ["SLURM_JOB_ID"]], check=True)
+            time.sleep(300)  # SLURM ends the job (and this worker) long before
         if job.markers is not None:
             marker = job.markers / f"{sid}.killed"
             if not marker.exists():
@@ -439,6 +445,18 @@ def test_slurm_store_equals_serial_store(slurm, tmp_path):  # noqa: F811
     job = StoreJob(tmp_path / "slurm.zarr")
     results = map_slides(write_slide, paths, job, slurm_cfg(slurm, tmp_path))
     assert all(r.status == "done" for r in results), [r.reason for r in results]
+    assert_same_store(tmp_path / "serial.zarr", tmp_path / "slurm.zarr")
+
+
+@pytest.mark.cluster
+def test_slurm_job_cancelled_mid_slide_is_retried_in_another_job(slurm, tmp_path):  # noqa: F811
+    paths = [p for p in real_slides() if p.name in EXTRACT_SLIDES]
+    run_slides(write_slide, paths, StoreJob(tmp_path / "serial.zarr"))
+    (tmp_path / "preempted").mkdir()
+    job = StoreJob(tmp_path / "slurm.zarr", preempt=tmp_path / "preempted")
+    results = map_slides(write_slide, paths, job, slurm_cfg(slurm, tmp_path))
+    assert all(r.status == "done" for r in results), [r.reason for r in results]
+    assert len(list((tmp_path / "preempted").iterdir())) == len(paths)  # each slide lost a job once
     assert_same_store(tmp_path / "serial.zarr", tmp_path / "slurm.zarr")
 
 

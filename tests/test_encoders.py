@@ -7,6 +7,7 @@ memory); every code path runs on CPU through the tiny registered encoders and CT
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import pickle
@@ -55,6 +56,12 @@ EMBED_DIMS = {
     "h-optimus-0": 1536,
     "resnet50-trunc": 1024,
 }
+
+
+@functools.cache
+def _meta_encoder(name: str):
+    """Encoder built on the meta device (shapes and counts only), shared between tests."""
+    return create_encoder(name, weights="random", device="meta")
 
 
 def _patches(n: int = 3, size: int = 48, seed: int = 0) -> torch.Tensor:
@@ -111,7 +118,7 @@ def test_unknown_name_lists_valid_choices():
 @pytest.mark.parametrize("name", REAL)
 def test_big_encoder_params_and_dim_on_meta(name):
     spec = get_spec(name)
-    enc = create_encoder(name, weights="random", device="meta")
+    enc = _meta_encoder(name)
     n = count_parameters(enc.trunk)
     assert n == EXACT_PARAMS[name]
     assert abs(n - spec.param_count) / spec.param_count < 0.005, (name, n, spec.param_count)
@@ -137,9 +144,9 @@ def test_spec_facts():
     assert get_spec("virchow").hf_hub_id == "hf-hub:paige-ai/Virchow"
     assert get_spec("uni").hf_hub_id == "hf-hub:MahmoodLab/UNI"
     assert get_spec("h-optimus-0").hf_hub_id == "hf-hub:bioptimus/H-optimus-0"
-    assert create_encoder("virchow", weights="random", device="meta").num_prefix_tokens == 1
-    assert create_encoder("virchow2", weights="random", device="meta").num_prefix_tokens == 5
-    assert create_encoder("uni2-h", weights="random", device="meta").num_prefix_tokens == 9
+    assert _meta_encoder("virchow").num_prefix_tokens == 1
+    assert _meta_encoder("virchow2").num_prefix_tokens == 5
+    assert _meta_encoder("uni2-h").num_prefix_tokens == 9
     # the spec describes itself as JSON, classes by dotted name
     virchow = get_spec("virchow").to_dict()
     json.dumps(virchow)

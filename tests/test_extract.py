@@ -320,3 +320,19 @@ def test_encoder_failure_mid_slide_fails_that_slide_only(tmp_path, encoder, monk
     store = FeatureStore(job.out, mode="r")
     assert store.slide_ids() == ["tiny-aperio"]
     assert not list((store.path / ".staging").iterdir()) and not list((store.path / ".claims").iterdir())
+
+
+def test_stain_normalisation_is_applied_and_recorded(tmp_path, encoder, extracted):
+    target = SHARED / "thumbnails" / "tcga-lung-rgb.png"
+    if not target.exists():
+        pytest.skip("stain target thumbnail not available")
+    job = make_job(tmp_path / "f.zarr", [TCGA], stain={"method": "reinhard", "target": target})
+    res = run_extract(job, encoder=encoder).results[0]
+    assert res.status == "done", res.reason
+    store = FeatureStore(job.out, mode="r")
+    assert store.identity["stain"]["method"] == "reinhard"
+    assert store.identity["stain"]["target_hash"].startswith("sha256:")
+    plain = FeatureStore(extracted[0].out, mode="r").read("tcga-cr-7395-01a-01-ts1")
+    normed = store.read("tcga-cr-7395-01a-01-ts1")
+    np.testing.assert_array_equal(normed.coords, plain.coords)  # same patches ...
+    assert not np.allclose(normed.features, plain.features, atol=1e-2)  # ... different pixels

@@ -35,7 +35,9 @@ def tissue() -> np.ndarray:
         return np.asarray(s.read_region((300, 600), 0, (1800, 1500)).convert("RGB"))
 
 
-def write_tiff(path: Path, rgb: np.ndarray, *, levels: int = 1, aperio: bool = False, mpp: float = 0.25) -> Path:
+def write_tiff(
+    path: Path, rgb: np.ndarray, *, levels: int = 1, aperio: bool = False, mpp: float = 0.25
+) -> Path:
     """Tiled JPEG pyramid (downsample 2 per level); Aperio-style description when ``aperio``."""
     h, w = rgb.shape[:2]
     with tifffile.TiffWriter(path) as tif:
@@ -48,19 +50,28 @@ def write_tiff(path: Path, rgb: np.ndarray, *, levels: int = 1, aperio: bool = F
                 else None
             )
             tif.write(
-                img, tile=(256, 256), photometric="rgb", compression="jpeg",
-                compressionargs={"level": 85}, subfiletype=0 if k == 0 else 1, metadata=None,
+                img,
+                tile=(256, 256),
+                photometric="rgb",
+                compression="jpeg",
+                compressionargs={"level": 85},
+                subfiletype=0 if k == 0 else 1,
+                metadata=None,
                 description=desc if k == 0 else None,
             )
             hh, ww = img.shape[0] // 2 * 2, img.shape[1] // 2 * 2
-            img = img[:hh, :ww].reshape(hh // 2, 2, ww // 2, 2, 3).mean(axis=(1, 3)).astype(np.uint8)
+            img = (
+                img[:hh, :ww].reshape(hh // 2, 2, ww // 2, 2, 3).mean(axis=(1, 3)).astype(np.uint8)
+            )
     return path
 
 
 def read_all(reader: PatchReader) -> PatchBatch:
     batches = list(reader)
     if not batches:
-        return PatchBatch(np.zeros((0, 1, 1, 3), np.uint8), np.zeros((0, 2), np.int64), np.zeros(0, np.int64))
+        return PatchBatch(
+            np.zeros((0, 1, 1, 3), np.uint8), np.zeros((0, 2), np.int64), np.zeros(0, np.int64)
+        )
     return PatchBatch(
         np.concatenate([b.images for b in batches]),
         np.concatenate([b.coords for b in batches]),
@@ -73,7 +84,9 @@ def openslide_patches(path: Path, grid) -> np.ndarray:
     with openslide.OpenSlide(str(path)) as s:
         out = []
         for x, y in grid.coords:
-            rgba = np.asarray(s.read_region((int(x), int(y)), grid.read_level, (grid.patch_size_read,) * 2))
+            rgba = np.asarray(
+                s.read_region((int(x), int(y)), grid.read_level, (grid.patch_size_read,) * 2)
+            )
             a = rgba[..., 3:4].astype(np.uint16)
             rgb = (rgba[..., :3].astype(np.uint16) * a + 255 * (255 - a) + 127) // 255
             out.append(rgb.astype(np.uint8))
@@ -109,10 +122,14 @@ def test_slide_edge_matches_slide_read_region(tissue, tmp_path):
         grid = make_grid(slide, None, patch_size=256, mpp=slide.mpp, min_tissue=0.0)
         # last whole patches at the right/bottom edge (inside partial stored tiles) and patches
         # hanging over the edge (white outside, like Slide.read_region)
-        edge = np.array([[1300 - 256, 1000 - 256], [1300 - 256, 0], [1200, 900], [-20, 100]], np.int64)
+        edge = np.array(
+            [[1300 - 256, 1000 - 256], [1300 - 256, 0], [1200, 900], [-20, 100]], np.int64
+        )
         grid = shifted(grid, np.concatenate([grid.coords, edge]))
         got = read_all(PatchReader(slide, grid, batch_size=8))
-        want = np.stack([slide.read_region((int(x), int(y)), 0, (256, 256)) for x, y in grid.coords])
+        want = np.stack(
+            [slide.read_region((int(x), int(y)), 0, (256, 256)) for x, y in grid.coords]
+        )
     np.testing.assert_array_equal(got.images, want)
     assert (got.images[-2][100:, 100:] == 255).all()  # beyond the slide: white
 
@@ -157,6 +174,21 @@ def test_region_fallback_matches_direct():
     np.testing.assert_array_equal(got.indices, direct.indices)
 
 
+def test_direct_decode_that_disagrees_with_backend_falls_back(monkeypatch):
+    """A vendor colour-space quirk (here: Aperio RGB-in-JPEG decoded as YCbCr) is caught by the
+    first-tile check at open, and the slide is read through the backend, still exactly."""
+    from wsi import tiff_tiles
+
+    monkeypatch.setattr(tiff_tiles, "_jpeg_colorspaces", lambda page: (None, 2))
+    with open_slide(CMU) as slide:
+        grid = make_grid(slide, None, patch_size=256, mpp=slide.mpp, min_tissue=0.0)
+        grid = shifted(grid, grid.coords[::6])
+        reader = PatchReader(slide, grid)
+        got = read_all(reader)
+    assert reader.stats["mode"] == "region"
+    np.testing.assert_array_equal(got.images, openslide_patches(CMU, grid))
+
+
 def test_striped_tiff_uses_region_reads():
     path = REAL / "kidney-48-5.tif"
     with open_slide(path, mpp=0.5) as slide:
@@ -164,7 +196,9 @@ def test_striped_tiff_uses_region_reads():
         grid = make_grid(slide, None, patch_size=256, mpp=0.5, min_tissue=0.0)
         reader = PatchReader(slide, grid)
         got = read_all(reader)
-        want = np.stack([slide.read_region((int(x), int(y)), 0, (256, 256)) for x, y in grid.coords])
+        want = np.stack(
+            [slide.read_region((int(x), int(y)), 0, (256, 256)) for x, y in grid.coords]
+        )
     assert reader.stats["mode"] == "region" and len(grid) > 0
     np.testing.assert_array_equal(got.images, want)
 
@@ -174,7 +208,8 @@ def test_striped_tiff_uses_region_reads():
 
 
 def test_resized_mpp_within_resampling_tolerance(tissue, tmp_path):
-    path = write_tiff(tmp_path / "base025.svs", tissue[:1499, :1799], aperio=True, mpp=0.25)  # odd size
+    odd = tissue[:1499, :1799]  # odd width and height
+    path = write_tiff(tmp_path / "base025.svs", odd, aperio=True, mpp=0.25)
     with open_slide(path) as slide:
         grid = make_grid(slide, None, patch_size=224, mpp=0.5, min_tissue=0.0)
         assert grid.needs_resize and grid.patch_size_read == 448
@@ -182,10 +217,16 @@ def test_resized_mpp_within_resampling_tolerance(tissue, tmp_path):
         grid = shifted(grid, np.concatenate([grid.coords, [[1400, 1200], [1700, 0], [0, 1400]]]))
         got = read_all(PatchReader(slide, grid))
         # an odd-placed patch makes the reader resize patch by patch instead of tile by tile
-        per_patch = read_all(PatchReader(slide, shifted(grid, np.concatenate([grid.coords, [[101, 3]]]))))
+        per_patch = read_all(
+            PatchReader(slide, shifted(grid, np.concatenate([grid.coords, [[101, 3]]])))
+        )
         np.testing.assert_array_equal(per_patch.images[:-1], got.images)
-        lanczos = np.stack([slide.read_region_mpp((int(x), int(y)), (224, 224), 0.5) for x, y in grid.coords])
-        native = np.stack([slide.read_region((int(x), int(y)), 0, (448, 448)) for x, y in grid.coords])
+        lanczos = np.stack(
+            [slide.read_region_mpp((int(x), int(y)), (224, 224), 0.5) for x, y in grid.coords]
+        )
+        native = np.stack(
+            [slide.read_region((int(x), int(y)), 0, (448, 448)) for x, y in grid.coords]
+        )
     assert got.images.shape == (len(grid), 224, 224, 3)
     # exactly the 2 x 2 area average of the native pixels (up to rounding)
     area = native.reshape(-1, 224, 2, 224, 2, 3).astype(np.float64).mean(axis=(2, 4))
@@ -225,7 +266,9 @@ def test_order_indices_and_batches_with_workers(tissue, tmp_path):
         grid = shifted(grid, grid.coords[np.random.default_rng(1).random(len(grid)) < 0.6])
         one = list(PatchReader(slide, grid, batch_size=9))
         two = list(PatchReader(slide, grid, batch_size=9, workers=2))
-    assert [len(b) for b in one] == [9] * (len(grid) // 9) + ([len(grid) % 9] if len(grid) % 9 else [])
+    assert [len(b) for b in one] == [9] * (len(grid) // 9) + (
+        [len(grid) % 9] if len(grid) % 9 else []
+    )
     for a, b in zip(one, two, strict=True):
         np.testing.assert_array_equal(a.images, b.images)
         np.testing.assert_array_equal(a.indices, b.indices)
@@ -296,10 +339,12 @@ def corrupt_tile(path: Path, tx: int, ty: int) -> Path:
     return path
 
 
-@pytest.mark.parametrize(("size", "n_hit"), [(224, 4), (256, 1)])  # 256: tile decoded into the patch
+# 256 px patches on 256 px tiles take the decode-into-the-patch path
+@pytest.mark.parametrize(("size", "n_hit"), [(224, 4), (256, 1)])
 def test_corrupt_tile_raises_or_is_skipped(tissue, tmp_path, size, n_hit):
     clean = write_tiff(tmp_path / "clean.svs", tissue, aperio=True)
-    bad = corrupt_tile(write_tiff(tmp_path / "bad.svs", tissue, aperio=True), 3, 2)  # x 768.., y 512..
+    bad = write_tiff(tmp_path / "bad.svs", tissue, aperio=True)
+    corrupt_tile(bad, 3, 2)  # the tile at x 768..1023, y 512..767
     with open_slide(clean) as slide:
         grid = make_grid(slide, None, patch_size=size, mpp=slide.mpp, min_tissue=0.0)
         want = read_all(PatchReader(slide, grid))
@@ -310,12 +355,15 @@ def test_corrupt_tile_raises_or_is_skipped(tissue, tmp_path, size, n_hit):
     assert "could not be decoded" in str(err) and "skip-corrupt-tiles" in str(err)
 
     hit = {
-        i for i, (x, y) in enumerate(grid.coords)
+        i
+        for i, (x, y) in enumerate(grid.coords)
         if x < 1024 and x + size > 768 and y < 768 and y + size > 512
     }
     for workers in (1, 2):
         with open_slide(bad) as slide:
-            reader = PatchReader(slide, grid, skip_corrupt_tiles=True, workers=workers, batch_size=6)
+            reader = PatchReader(
+                slide, grid, skip_corrupt_tiles=True, workers=workers, batch_size=6
+            )
             got = read_all(reader)
         assert {i for i, _ in reader.skipped} == hit and len(hit) == n_hit
         assert all("column 3, row 2" in why for _, why in reader.skipped)
@@ -427,7 +475,9 @@ def _load_make_slide():
 @pytest.mark.slow
 def test_generated_benchmark_slide_reads_exactly(tmp_path):
     make_slide = _load_make_slide().make_slide
-    path = make_slide(tmp_path / "gen.svs", width=6000, height=4500, mpp=0.25, tissue_fraction=0.4, workers=1)
+    path = make_slide(
+        tmp_path / "gen.svs", width=6000, height=4500, mpp=0.25, tissue_fraction=0.4, workers=1
+    )
     with open_slide(path) as slide:
         assert slide.vendor == "aperio" and slide.mpp == pytest.approx(0.25)
         assert slide.level_downsamples == (1.0, 4.0) and slide.mpp_source == "vendor"
@@ -438,7 +488,9 @@ def test_generated_benchmark_slide_reads_exactly(tmp_path):
             got = read_all(reader)
             assert reader.stats["mode"] == "direct"
             np.testing.assert_array_equal(got.images, openslide_patches(path, grid))
-        level0 = openslide_patches(path, make_grid(slide, None, patch_size=1000, mpp=0.25, min_tissue=0.0))
+        level0 = openslide_patches(
+            path, make_grid(slide, None, patch_size=1000, mpp=0.25, min_tissue=0.0)
+        )
     glass = (level0.reshape(-1, 3).astype(int).max(axis=1) - level0.reshape(-1, 3).min(axis=1)) < 12
     assert 0.3 < glass.mean() < 0.9  # tissue islands on glass
 
@@ -452,7 +504,9 @@ def test_dask_array_on_distributed_processes():
         want = read_all(PatchReader(slide, grid))
     arr = patches_dask_array(CMU, grid, chunk_size=20)
     with (
-        LocalCluster(n_workers=1, threads_per_worker=2, processes=True, dashboard_address=None) as cluster,
+        LocalCluster(
+            n_workers=1, threads_per_worker=2, processes=True, dashboard_address=None
+        ) as cluster,
         Client(cluster) as client,
     ):
         got = client.compute(arr).result()
@@ -466,12 +520,31 @@ def test_tiling_benchmark_smoke_run():
 
     root = Path(__file__).resolve().parents[1]
     out = subprocess.run(
-        [sys.executable, str(root / "bench" / "tiling.py"), "--quick", "--size", "4096x3072",
-         "--sample", "20", "--repeat", "1"],
-        capture_output=True, text=True, check=True, timeout=600,
+        [
+            sys.executable,
+            str(root / "bench" / "tiling.py"),
+            "--quick",
+            "--size",
+            "4096x3072",
+            "--sample",
+            "20",
+            "--repeat",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=600,
     ).stdout
-    for needle in ("decode limit", "naive openslide", "naive tiffslide", "slidepipe 2 workers",
-                   "slidepipe 1w / decode limit", "peak RSS", "logical cores"):
+    for needle in (
+        "decode limit",
+        "naive openslide",
+        "naive tiffslide",
+        "slidepipe 2 workers",
+        "slidepipe 1w / decode limit",
+        "peak RSS",
+        "logical cores",
+    ):
         assert needle in out
 
 

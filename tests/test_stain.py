@@ -344,3 +344,27 @@ def test_results_do_not_depend_on_thread_count(reference, tcga):
     finally:
         numba.set_num_threads(threads)
     np.testing.assert_array_equal(one, norm.transform(tcga))
+
+
+def test_concurrent_transforms_from_threads_agree(reference, tcga):
+    from concurrent.futures import ThreadPoolExecutor
+
+    norm = ReinhardNormalizer().fit(reference)
+    want = norm.transform(tcga)
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        outs = list(pool.map(norm.transform, [tcga] * 4))
+    for out in outs:
+        np.testing.assert_array_equal(out, want)
+
+
+@pytest.mark.slow
+def test_bench_quick_runs_and_matches_torchstain():
+    pytest.importorskip("torchstain")
+    bench = Path(__file__).resolve().parents[1] / "bench" / "stain.py"
+    res = subprocess.run(
+        [sys.executable, str(bench), "--quick"], capture_output=True, text=True, check=True
+    )
+    out = res.stdout
+    for method in METHODS:
+        assert f"{method} " in out
+    assert "MAD vs torchstain-numpy 0.0" in out and "cores=" in out

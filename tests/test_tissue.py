@@ -204,6 +204,17 @@ def test_pen_ink_is_excluded(name, mpp, colours, fraction, recall):
 
 
 @needs_shared
+def test_pen_ink_mask_covers_the_blue_strokes_only():
+    rgb = _thumb("wsi-blue-pen")
+    ink = T.pen_ink_mask(rgb, 8.0)
+    blue = _strong_ink(rgb)["blue"]
+    assert (ink & blue).sum() / blue.sum() >= 0.95
+    assert ink.mean() < 0.1
+    stained = _stained(rgb)
+    assert (ink & stained).sum() <= 0.01 * stained.sum()  # only the rim next to a stroke
+
+
+@needs_shared
 def test_all_tissue_lung_crop():
     rgb = _thumb("tcga-lung-rgb")
     tm = detect_tissue(rgb, mpp=0.5)
@@ -231,6 +242,8 @@ def test_cmu_he_with_holes():
 def test_kidney_keeps_only_the_fragment():
     with open_slide(REAL / "kidney-48-5.tif", mpp=0.5) as slide:
         tm = detect_tissue(slide)
+    # the slide is 0.75 x 0.45 mm at the assumed 0.5 µm/px: analysed finer than 8 µm/px
+    assert tm.mpp < 1.0 and max(tm.mask.shape) >= 1000
     n_components = label(tm.mask, connectivity=2).max()
     assert 1 <= n_components <= 2
     # the fragment occupies level-0 x 284..401, y 503..568 (found by eye and a darkness map)

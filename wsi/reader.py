@@ -7,7 +7,9 @@ Two ways to get pixels, chosen per slide:
   Every tile the grid touches is decoded once: a shared cache holds a decoded tile until the last
   patch that needs it has been cut (reference counts planned from the grid), so memory stays at
   about one row of tiles plus the batches in flight. Output is bit-identical to OpenSlide's
-  ``read_region`` at levels with an integer downsample.
+  ``read_region`` at levels with an integer downsample; at open, the first stored tile is
+  checked against the backend and any disagreement (a vendor colour-space quirk) switches the
+  slide to region reads.
 - **region** (any other format OpenSlide or tiffslide opens): runs of neighbouring patches in a
   row are read in one ``Slide.read_region`` call (the backend's tile cache serves tiles shared
   with the next row); one slide handle per thread.
@@ -83,7 +85,13 @@ class ReadSpec:
 
     @classmethod
     def from_grid(
-        cls, path: Path, grid: TileGrid, *, backend: str = "auto", mpp: float | None = None, direct: bool = True
+        cls,
+        path: Path,
+        grid: TileGrid,
+        *,
+        backend: str = "auto",
+        mpp: float | None = None,
+        direct: bool = True,
     ) -> ReadSpec:
         return cls(
             path=Path(path),
@@ -120,11 +128,15 @@ class ReadSpec:
 
 
 class _Entry:
+    """A cache slot; ``done`` is held by the decoding thread until the tile is ready (a latch
+    lighter than ``threading.Event``)."""
+
     __slots__ = ("done", "error", "refs", "tile")
 
     def __init__(self, refs: int) -> None:
         self.refs = refs
-        self.done = threading.Event()
+        self.done = threading.Lock()
+        self.done.acquire()
         self.tile: np.ndarray | None = None
         self.error: BaseException | None = None
 
@@ -133,7 +145,9 @@ class TileCache:
     """Decoded stored tiles, each decoded once (single flight across threads) and dropped when the
     last patch that needs it (``refcounts``) has released it."""
 
-    def __init__(self, decode: Callable[[int], np.ndarray | None], refcounts: np.ndarray, f: int = 1) -> None:
+    def __init__(
+        self, decode: Callable[[int], np.ndarray | None], refcounts: np.ndarray, f: int = 1
+    ) -> None:
         self.f = f  # tiles are held area-reduced by this factor
         self._decode = decode
         self._refcounts = refcounts
@@ -157,9 +171,10 @@ class TileCache:
             except Exception as err:  # kept for every patch that needs this tile
                 entry.error = err
             finally:
-                entry.done.set()
-        else:
-            entry.done.wait()
+                entry.done.release()
+        elif entry.done.locked():  # another thread is decoding it: wait for the latch
+            with entry.done:
+                pass
         return entry.tile, entry.error
 
     def take_single(self, key: int) -> bool:
@@ -239,17 +254,22 @@ class _DirectSource:
         )
         f = f if aligned else 1
 
+        local = threading.local()  # per-thread buffer for full-size tiles that are reduced at once
+
         def decode(key: int) -> np.ndarray | None:
             ty, tx = divmod(key, lv.tiles_across)
-            tile = self.tiles.decode(spec.level, tx, ty)
-            if tile is None or f == 1:
-                return tile
+            if f == 1:
+                return self.tiles.decode(spec.level, tx, ty)
+            buf = getattr(local, "buf", None)
+            if buf is None:
+                buf = local.buf = np.empty((lv.tile_height, lv.tile_width, 3), np.uint8)
+            if self.tiles.decode(spec.level, tx, ty, out=buf) is None:
+                return None  # missing tile: white
             ex, ey = lv.width - tx * lv.tile_width, lv.height - ty * lv.tile_height
             if ex < lv.tile_width or ey < lv.tile_height:  # past the level's edge: white
-                tile = tile.copy()
-                tile[max(ey, 0) :, :] = 255
-                tile[:, max(ex, 0) :] = 255
-            return box_reduce(tile, f)
+                buf[max(ey, 0) :, :] = 255
+                buf[:, max(ex, 0) :] = 255
+            return box_reduce(buf, f)
 
         return TileCache(decode, tile_refcounts(xy, spec.size_read, lv), f)
 
@@ -269,7 +289,9 @@ class _DirectSource:
             region=self._tile_region(tx, ty),
         )
 
-    def read_patch(self, x: int, y: int, out: np.ndarray, cache: TileCache) -> CorruptTileError | None:
+    def read_patch(
+        self, x: int, y: int, out: np.ndarray, cache: TileCache
+    ) -> CorruptTileError | None:
         """Cut the patch at read-level (x, y) into ``out`` (side ``size_read // cache.f``); returns
         the error of a corrupt tile it touches (``out`` is then garbage) or None."""
         lv, f = self.lv, cache.f
@@ -347,7 +369,9 @@ class _RegionSource:
             if s is None:
                 from wsi.slide import open_slide
 
-                s = open_slide(self.spec.path, backend=self.spec.backend, mpp=self.spec.mpp, require_mpp=False)  # type: ignore[arg-type]
+                s = open_slide(
+                    self.spec.path, backend=self.spec.backend, mpp=self.spec.mpp, require_mpp=False
+                )
                 with self._lock:
                     self._opened.append(s)
             self._local.slide = s
@@ -392,20 +416,47 @@ DIRECT_OPENSLIDE_VENDORS = frozenset({"aperio", "generic-tiff"})
 def _open_source(spec: ReadSpec, slide: Slide | None) -> _DirectSource | _RegionSource:
     if spec.direct:
         if slide is not None:
-            dims, backend, vendor = slide.level_dimensions, slide.backend, slide.vendor
+            direct = _try_direct(spec, slide)
         else:
             from wsi.slide import open_slide
 
-            with open_slide(spec.path, backend=spec.backend, mpp=spec.mpp, require_mpp=False) as s:  # type: ignore[arg-type]
-                dims, backend, vendor = s.level_dimensions, s.backend, s.vendor
-        if backend == "tiffslide" or vendor in DIRECT_OPENSLIDE_VENDORS:
-            tiles = TiffTileSource.open(spec.path, dims)
-            if tiles is not None:
-                if spec.level in tiles.levels:
-                    return _DirectSource(tiles, spec)
-                tiles.close()
+            with open_slide(spec.path, backend=spec.backend, mpp=spec.mpp, require_mpp=False) as s:
+                direct = _try_direct(spec, s)
+        if direct is not None:
+            return direct
     logger.debug("%s: reading level %d through the slide backend", spec.path, spec.level)
     return _RegionSource(spec, slide)
+
+
+def _try_direct(spec: ReadSpec, slide: Slide) -> _DirectSource | None:
+    """A direct source for ``spec.level`` if the format allows it and its first stored tile
+    decodes to exactly the backend's pixels (guards against vendor colour-space quirks)."""
+    if not (slide.backend == "tiffslide" or slide.vendor in DIRECT_OPENSLIDE_VENDORS):
+        return None
+    tiles = TiffTileSource.open(spec.path, slide.level_dimensions)
+    if tiles is None:
+        return None
+    if spec.level not in tiles.levels:
+        tiles.close()
+        return None
+    lv = tiles.levels[spec.level]
+    w, h = min(lv.tile_width, lv.width), min(lv.tile_height, lv.height)
+    try:
+        mine = tiles.decode(spec.level, 0, 0)
+        theirs = slide.read_region((0, 0), spec.level, (w, h))
+    except (TileDecodeError, CorruptTileError, OSError):
+        mine = None  # cannot compare on a damaged first tile; corrupt tiles surface when read
+    if mine is not None and not np.array_equal(mine[:h, :w], theirs):
+        logger.warning(
+            "%s: stored tiles of level %d do not decode to the %s backend's pixels; reading "
+            "through the backend instead (slower)",
+            spec.path,
+            spec.level,
+            slide.backend,
+        )
+        tiles.close()
+        return None
+    return _DirectSource(tiles, spec)
 
 
 def _read_batch(
@@ -446,11 +497,15 @@ def _read_batch(
             x0, y0 = int(xy[a, 0]), int(xy[a, 1])
             try:
                 region = source.read(x0, y0, int(xy[b - 1, 0]) + s - x0, s)
-                pieces = [(j, region[:, int(xy[j, 0]) - x0 : int(xy[j, 0]) - x0 + s]) for j in range(a, b)]
+                pieces = [
+                    (j, region[:, int(xy[j, 0]) - x0 : int(xy[j, 0]) - x0 + s]) for j in range(a, b)
+                ]
             except CorruptTileError as err:
                 if not skip_corrupt:
                     raise
-                logger.debug("%s: run read failed (%s); reading its patches one by one", spec.path, err)
+                logger.debug(
+                    "%s: run read failed (%s); reading its patches one by one", spec.path, err
+                )
                 pieces = []
                 for j in range(a, b):
                     try:
@@ -458,7 +513,9 @@ def _read_batch(
                     except CorruptTileError as one:
                         fail(j, one)
             for j, piece in pieces:
-                images[j] = resize_patch(np.ascontiguousarray(piece), p) if spec.needs_resize else piece
+                images[j] = (
+                    resize_patch(np.ascontiguousarray(piece), p) if spec.needs_resize else piece
+                )
     if not keep.all():
         images, coords, indices = images[keep], coords[keep], indices[keep]
     return PatchBatch(images, coords, indices), skipped
@@ -503,7 +560,9 @@ class PatchReader:
         self.spec = ReadSpec.from_grid(path, grid, backend=backend, mpp=mpp, direct=direct)
         self.batch_size = int(batch_size)
         self.workers = int(workers)
-        self.max_inflight = max(1, int(max_inflight) if max_inflight is not None else 2 * self.workers)
+        self.max_inflight = max(
+            1, int(max_inflight) if max_inflight is not None else 2 * self.workers
+        )
         self.skip_corrupt_tiles = bool(skip_corrupt_tiles)
         self.skipped: list[tuple[int, str]] = []
         self.stats: dict[str, Any] = {}
@@ -519,15 +578,26 @@ class PatchReader:
         xy = self.spec.read_positions(coords)
         source = _open_source(self.spec, self._slide)
         cache = source.prepare(xy) if isinstance(source, _DirectSource) else None
-        self.stats = {"mode": source.mode, "tiles_decoded": 0, "peak_cached_tiles": 0, "peak_inflight": 0}
+        self.stats = {
+            "mode": source.mode,
+            "tiles_decoded": 0,
+            "peak_cached_tiles": 0,
+            "peak_inflight": 0,
+        }
         starts = iter(range(0, n, self.batch_size))
 
         def task(a: int) -> tuple[PatchBatch, list[tuple[int, str]]]:
             b = min(a + self.batch_size, n)
             idx = np.arange(a, b, dtype=np.int64)
-            return _read_batch(source, xy[a:b], idx, coords[a:b], cache, self.skip_corrupt_tiles)
+            return _read_batch(
+                source, xy[a:b], idx, coords[a:b].copy(), cache, self.skip_corrupt_tiles
+            )
 
-        pool = ThreadPoolExecutor(self.workers, thread_name_prefix="slidepipe-read") if self.workers > 1 else None
+        pool = (
+            ThreadPoolExecutor(self.workers, thread_name_prefix="slidepipe-read")
+            if self.workers > 1
+            else None
+        )
         pending: deque[Future] = deque()
         try:
             if pool is None:
@@ -560,9 +630,13 @@ class PatchReader:
                 self.stats["peak_cached_tiles"] = cache.peak
             source.close()
             if self.skipped:
-                logger.warning("%s: %d patches skipped (corrupt tiles)", self.spec.path, len(self.skipped))
+                logger.warning(
+                    "%s: %d patches skipped (corrupt tiles)", self.spec.path, len(self.skipped)
+                )
 
-    def _account(self, skipped: list[tuple[int, str]], cache: TileCache | None, inflight: int) -> None:
+    def _account(
+        self, skipped: list[tuple[int, str]], cache: TileCache | None, inflight: int
+    ) -> None:
         self.skipped.extend(skipped)
         self.stats["peak_inflight"] = max(self.stats["peak_inflight"], inflight)
         if cache is not None:

@@ -21,9 +21,11 @@ counted in ``n_passthrough``; fitting on a reference with too little tissue rais
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -46,6 +48,17 @@ DEFAULT_HE_REF = np.array([[0.5626, 0.2159], [0.7201, 0.8012], [0.4062, 0.5581]]
 DEFAULT_MAX_C_REF = np.array([1.9705, 1.0308])
 # Ruifrok & Johnston optical densities: initial guess of the Vahadane dictionary
 _RUIFROK_HE = np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11]])
+_WORKQUEUE_LOCK = threading.Lock()
+
+
+def _kernel_guard() -> contextlib.AbstractContextManager:
+    """Numba's fallback "workqueue" threading layer must not run parallel kernels from two
+    threads at once (the OpenMP and TBB layers may): serialise calls only then."""
+    try:
+        layer = numba.threading_layer()
+    except ValueError:  # no parallel kernel has run yet
+        layer = None
+    return _WORKQUEUE_LOCK if layer in (None, "workqueue") else contextlib.nullcontext()
 
 
 def _as_batch(x: np.ndarray, what: str = "batch") -> tuple[np.ndarray, bool]:
@@ -295,20 +308,21 @@ class MacenkoNormalizer(StainNormalizer):
         out = np.empty_like(x)
         he = np.zeros((x.shape[0], 3, 2))
         maxc = np.zeros((x.shape[0], 2))
-        status = K.macenko_batch(
-            x,
-            self._od,
-            self.io,
-            self.alpha,
-            self.beta,
-            self.stain_matrix,
-            self.max_concentrations,
-            self.min_tissue,
-            out,
-            he,
-            maxc,
-            numba.get_num_threads(),
-        )
+        with _kernel_guard():
+            status = K.macenko_batch(
+                x,
+                self._od,
+                self.io,
+                self.alpha,
+                self.beta,
+                self.stain_matrix,
+                self.max_concentrations,
+                self.min_tissue,
+                out,
+                he,
+                maxc,
+                numba.get_num_threads(),
+            )
         self.last_stain_matrices = he
         self._count(status)
         return out
@@ -411,17 +425,18 @@ class ReinhardNormalizer(StainNormalizer):
         self._require_fit()
         out = np.empty_like(x)
         stats = np.zeros((x.shape[0], 2, 3))
-        status = K.reinhard_batch(
-            x,
-            self._od,
-            self.beta,
-            self.min_tissue,
-            self.target_means,
-            self.target_stds,
-            out,
-            stats,
-            numba.get_num_threads(),
-        )
+        with _kernel_guard():
+            status = K.reinhard_batch(
+                x,
+                self._od,
+                self.beta,
+                self.min_tissue,
+                self.target_means,
+                self.target_stds,
+                out,
+                stats,
+                numba.get_num_threads(),
+            )
         self._count(status)
         return out
 
@@ -563,20 +578,21 @@ class VahadaneNormalizer(StainNormalizer):
             return x.copy()
         out = np.empty_like(x)
         maxc = np.zeros((x.shape[0], 2))
-        status = K.vahadane_batch(
-            x,
-            self._od,
-            self._od255,
-            self.beta,
-            self.min_tissue,
-            d_src,
-            self.stain_matrix,
-            self.max_concentrations,
-            self.lambda_conc,
-            out,
-            maxc,
-            numba.get_num_threads(),
-        )
+        with _kernel_guard():
+            status = K.vahadane_batch(
+                x,
+                self._od,
+                self._od255,
+                self.beta,
+                self.min_tissue,
+                d_src,
+                self.stain_matrix,
+                self.max_concentrations,
+                self.lambda_conc,
+                out,
+                maxc,
+                numba.get_num_threads(),
+            )
         self._count(status)
         return out
 

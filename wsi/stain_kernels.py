@@ -1,10 +1,12 @@
 """Numba kernels for stain normalisation (used by :mod:`wsi.stain`).
 
-Every batch kernel takes ``(N, H, W, 3) uint8`` patches and works on one patch per ``prange``
-iteration: no Python loop over patches or pixels. Optical densities come from 256-entry lookup
-tables (inputs are ``uint8``), percentiles are exact selections with numpy's linear
-interpolation, and the Macenko reconstruction folds the whole per-patch colour map into nine
-256-entry tables. Status codes per patch: ``OK`` or ``PASSTHROUGH`` (too little stain-like
+Every batch kernel takes ``(N, H, W, 3) uint8`` patches; ``prange`` lanes (one per Numba
+thread, each with its own scratch buffers) take every lane-th patch: no Python loop over
+patches or pixels. Optical densities come from 256-entry lookup tables (inputs are ``uint8``);
+percentiles are exact with numpy's linear interpolation (a histogram narrows down the
+candidates, a selection finds the order statistics); the Macenko reconstruction folds the
+per-patch colour map into nine 256-entry tables; the Reinhard LAB passes are branch-free
+float32 loops that LLVM vectorises. Status codes per patch: ``OK`` or ``PASSTHROUGH`` (too little stain-like
 tissue, or a degenerate stain estimate: the patch is copied unchanged).
 """
 
@@ -248,13 +250,19 @@ def percentile_fast(a, n, q, vmin, vmax, scratch):
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
+def _not_pen(o0, o1, o2):
+    """OD triple is not green/blue/black or red ink (see the rule above)."""
+    if o0 > _PEN_RED_OVER_GREEN * o1:
+        return False
+    return not (o0 < _RED_INK_RED_OVER_GREEN * o1 and o2 > _RED_INK_BLUE_OVER_GREEN * o1)
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
 def _is_stain_like(o0, o1, o2, beta):
     """Pixel absorbs in every channel (OD >= beta) and is not pen ink."""
     if o0 < beta or o1 < beta or o2 < beta:
         return False
-    if o0 > _PEN_RED_OVER_GREEN * o1:
-        return False
-    return not (o0 < _RED_INK_RED_OVER_GREEN * o1 and o2 > _RED_INK_BLUE_OVER_GREEN * o1)
+    return _not_pen(o0, o1, o2)
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
@@ -297,13 +305,6 @@ def _angle_of_pseudo(v):
         return math.atan2(-(1.0 - abs(p)), p)
     p = 1.0 - v
     return math.atan2(1.0 - abs(p), p)
-
-
-@njit(cache=True, nogil=True, error_model="numpy")
-def _not_pen(o0, o1, o2):
-    if o0 > _PEN_RED_OVER_GREEN * o1:
-        return False
-    return not (o0 < _RED_INK_RED_OVER_GREEN * o1 and o2 > _RED_INK_BLUE_OVER_GREEN * o1)
 
 
 @njit(cache=True, nogil=True, error_model="numpy")

@@ -68,7 +68,9 @@ def _why_unsupported(page: Any) -> str | None:
     return None
 
 
-def _level_layout(path: Path, index: int, dims: tuple[int, int], pages: list[Any]) -> TiffLevel | None:
+def _level_layout(
+    path: Path, index: int, dims: tuple[int, int], pages: list[Any]
+) -> TiffLevel | None:
     """The tiled page of size ``dims`` as a TiffLevel, or None (logged) if it is not decodable here."""
     w, h = dims
     page = next((p for p in pages if p.imagewidth == w and p.imagelength == h and p.is_tiled), None)
@@ -110,7 +112,9 @@ class TiffTileSource:
         self._finalizer = weakref.finalize(self, os.close, self._fd)  # if never closed
 
     @classmethod
-    def open(cls, path: str | Path, level_dimensions: tuple[tuple[int, int], ...]) -> TiffTileSource | None:
+    def open(
+        cls, path: str | Path, level_dimensions: tuple[tuple[int, int], ...]
+    ) -> TiffTileSource | None:
         """Map each slide level (by its (w, h)) to a tiled TIFF page; None if level 0 cannot be."""
         import tifffile
 
@@ -147,10 +151,14 @@ class TiffTileSource:
             raise ValueError(f"{self.path}: tile source is closed")
         data = os.pread(self._fd, n, int(lv.offsets[i]))
         if len(data) != n:
-            raise TileDecodeError(f"file truncated: {len(data)} of {n} bytes at offset {lv.offsets[i]}")
+            raise TileDecodeError(
+                f"file truncated: {len(data)} of {n} bytes at offset {lv.offsets[i]}"
+            )
         return data
 
-    def decode_bytes(self, level: int, index: int, data: bytes, out: np.ndarray | None = None) -> np.ndarray:
+    def decode_bytes(
+        self, level: int, index: int, data: bytes, out: np.ndarray | None = None
+    ) -> np.ndarray:
         """Decode one stored tile's bytes to ``(tile_h, tile_w, 3) uint8`` (into ``out`` if given)."""
         import imagecodecs
 
@@ -176,7 +184,9 @@ class TiffTileSource:
             return out
         return tile
 
-    def decode(self, level: int, tx: int, ty: int, out: np.ndarray | None = None) -> np.ndarray | None:
+    def decode(
+        self, level: int, tx: int, ty: int, out: np.ndarray | None = None
+    ) -> np.ndarray | None:
         """Tile (tx, ty) of ``level`` as ``(tile_h, tile_w, 3) uint8`` (into ``out`` if given); None
         for a missing tile, which renders white (OpenSlide: transparent). Raises TileDecodeError."""
         data = self.tile_bytes(level, tx, ty)

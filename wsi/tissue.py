@@ -8,14 +8,17 @@ The steps, each a small Numba kernel working at a physical resolution (µm per p
    or vignetted glass, scanner-tile seams and faint smudges look like plain white.
 2. **Features** on the balanced colour: HSV saturation, optical density, hue/value.
 3. **Pen ink** (green, blue, red, black) by hue/saturation/value rules that H&E, DAB and
-   hematoxylin do not reach; only ink strokes (components of a minimum area) count, and they
-   are dilated a little to take their faint rims too.
+   hematoxylin do not reach (black: dark and unsaturated over ~8 µm, so single nuclei are not
+   ink). Strong-ink components of a minimum area are strokes; they grow into touching faint
+   ink of the same colour (hysteresis) and are dilated a little to take their rims.
 4. **Otsu** threshold on the saturation histogram (clamped to a sane range), and a minimum
-   optical density: tissue = coloured *and* darker than the glass. Dust and black ink are
-   dark but unsaturated, so they never count.
-5. **Morphology** (open, then close, with a disk), **hole filling** (background components not
-   touching the border and smaller than ``min_hole_area_mm2`` become tissue), and a
-   **size filter** on connected components (``min_tissue_area_mm2``).
+   optical density: tissue = coloured *and* darker than the glass. Dust and smudges are grey,
+   so they never count.
+5. **Morphology** (close, then open, with a digital disk, run-based), **hole filling**
+   (background components not touching the border and smaller than ``min_hole_area_mm2``
+   become tissue), then the ink is cut out and a **size filter** on 8-connected components
+   (``min_tissue_area_mm2``) is applied. Connected components are labelled on runs
+   (union-find), so these steps cost little more than one pass over the mask.
 
 ``detect_tissue`` accepts a ``Slide`` (reads ``slide.thumbnail_at_mpp``) or an RGB array with
 its µm/px and returns a ``TissueMask`` that exports QuPath GeoJSON (level-0 pixels) and an
@@ -32,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
 logger = logging.getLogger(__name__)
 
@@ -64,8 +67,8 @@ def _glass_white(rgb: np.ndarray) -> np.ndarray:
     """Global glass colour: mean of the brightest unsaturated pixels (fallback: white)."""
     h, w, _ = rgb.shape
     hist = np.zeros(256, np.int64)
-    for y in range(h):
-        for x in range(w):
+    for y in range(0, h, 2):  # every 2nd pixel: the glass colour is smooth
+        for x in range(0, w, 2):
             r, g, b = rgb[y, x, 0], rgb[y, x, 1], rgb[y, x, 2]
             mx = max(r, g, b)
             mn = min(r, g, b)
@@ -73,7 +76,7 @@ def _glass_white(rgb: np.ndarray) -> np.ndarray:
                 hist[mx] += 1
     total = hist.sum()
     out = np.full(3, 255.0, np.float64)
-    if total < 16:
+    if total < 4:
         return out
     # value at the 90th percentile of unsaturated bright pixels
     acc, v90 = 0, 255
@@ -86,8 +89,8 @@ def _glass_white(rgb: np.ndarray) -> np.ndarray:
         return out
     s = np.zeros(3, np.float64)
     n = 0
-    for y in range(h):
-        for x in range(w):
+    for y in range(0, h, 2):  # every 2nd pixel: the glass colour is smooth
+        for x in range(0, w, 2):
             r, g, b = rgb[y, x, 0], rgb[y, x, 1], rgb[y, x, 2]
             mx = max(r, g, b)
             mn = min(r, g, b)
@@ -101,7 +104,7 @@ def _glass_white(rgb: np.ndarray) -> np.ndarray:
     return out
 
 
-@njit(cache=True, nogil=True, parallel=True)
+@njit(cache=True, nogil=True)
 def _block_background(
     rgb: np.ndarray, block: int, white: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -112,22 +115,22 @@ def _block_background(
     bg = np.zeros((gh, gw, 3), np.float64)
     valid = np.zeros((gh, gw), np.uint8)
     vmin = 0.75 * max(white[0], white[1], white[2])
-    for by in prange(gh):
+    for by in range(gh):
         for bx in range(gw):
             y0, x0 = by * block, bx * block
             y1, x1 = min(h, y0 + block), min(w, x0 + block)
             # median value of candidate glass pixels, then mean colour of those above it
             hist = np.zeros(256, np.int64)
             n = 0
-            for y in range(y0, y1):
-                for x in range(x0, x1):
+            for y in range(y0, y1, 2):
+                for x in range(x0, x1, 2):
                     r, g, b = rgb[y, x, 0], rgb[y, x, 1], rgb[y, x, 2]
                     mx = max(r, g, b)
                     mn = min(r, g, b)
                     if mx >= vmin and (mx - mn) <= 0.06 * mx:
                         hist[mx] += 1
                         n += 1
-            if n < 0.2 * (y1 - y0) * (x1 - x0) or n == 0:
+            if n < 0.05 * (y1 - y0) * (x1 - x0) or n == 0:  # < 20 % glass (1 in 4 sampled)
                 continue
             acc, vmed = 0, 0
             for v in range(256):
@@ -137,8 +140,8 @@ def _block_background(
                     break
             s0 = s1 = s2 = 0.0
             m = 0
-            for y in range(y0, y1):
-                for x in range(x0, x1):
+            for y in range(y0, y1, 2):
+                for x in range(x0, x1, 2):
                     r, g, b = rgb[y, x, 0], rgb[y, x, 1], rgb[y, x, 2]
                     mx = max(r, g, b)
                     mn = min(r, g, b)
@@ -251,7 +254,7 @@ def _ink_class(r: float, g: float, b: float, rs: float, gs: float, bs: float) ->
     return cls
 
 
-@njit(cache=True, nogil=True, parallel=True)
+@njit(cache=True, nogil=True)
 def _features(
     rgb: np.ndarray, bg: np.ndarray, block: int, radius: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -282,7 +285,7 @@ def _features(
         xs0[x] = x0
         xs1[x] = min(x0 + 1, gw - 1)
         wxs[x] = min(max(fx - x0, 0.0), 1.0)
-    for y in prange(h):
+    for y in range(h):
         fy = (y + 0.5) / block - 0.5
         y0 = min(max(int(math.floor(fy)), 0), gh - 1)
         y1 = min(y0 + 1, gh - 1)
@@ -384,86 +387,46 @@ def _disk_half_widths(radius: int) -> np.ndarray:
 
 
 @njit(cache=True, nogil=True)
-def _row_prefix(mask: np.ndarray, value: int) -> np.ndarray:
-    h, w = mask.shape
-    pre = np.zeros((h, w + 1), np.int32)
-    for y in range(h):
-        acc = 0
-        for x in range(w):
-            if mask[y, x] == value:
-                acc += 1
-            pre[y, x + 1] = acc
-    return pre
+def _dilate_value(mask: np.ndarray, value: int, radius: int) -> np.ndarray:
+    """1 where a digital disk of ``radius`` around the pixel meets a pixel equal to ``value``.
 
-
-@njit(cache=True, nogil=True, parallel=True)
-def _dilate(mask: np.ndarray, radius: int) -> np.ndarray:
-    """Binary dilation with a digital disk (pixels outside the image count as background).
-
-    Each disk row is a horizontal run, so a row-wise prefix count answers it in O(1).
+    Each horizontal run of ``value`` paints one widened run per disk row (a memset each), so the
+    cost follows the number of runs, not pixels x disk area.
     """
     h, w = mask.shape
-    if radius <= 0:
-        return mask.copy()
     half = _disk_half_widths(radius)
-    pre = _row_prefix(mask, 1)
     out = np.zeros((h, w), np.uint8)
-    for y in prange(h):
-        n_near = 0
-        for yy in range(max(y - radius, 0), min(y + radius + 1, h)):
-            n_near += pre[yy, w]
-        if n_near == 0:
-            continue  # no foreground within reach of this row
-        for x in range(w):
-            if mask[y, x] != 0:
-                out[y, x] = 1
+    for y in range(h):
+        x = 0
+        while x < w:
+            if mask[y, x] != value:
+                x += 1
                 continue
+            x0 = x
+            while x < w and mask[y, x] == value:
+                x += 1
             for dy in range(-radius, radius + 1):
                 yy = y + dy
-                if yy < 0 or yy >= h:
-                    continue
-                k = half[dy + radius]
-                a = max(x - k, 0)
-                b = min(x + k + 1, w)
-                if pre[yy, b] - pre[yy, a] > 0:
-                    out[y, x] = 1
-                    break
+                if 0 <= yy < h:
+                    k = half[dy + radius]
+                    out[yy, max(x0 - k, 0) : min(x + k, w)] = 1
     return out
 
 
-@njit(cache=True, nogil=True, parallel=True)
+@njit(cache=True, nogil=True)
+def _dilate(mask: np.ndarray, radius: int) -> np.ndarray:
+    """Binary dilation with a digital disk (pixels outside the image count as background)."""
+    if radius <= 0:
+        return mask.copy()
+    return _dilate_value(mask, 1, radius)
+
+
+@njit(cache=True, nogil=True)
 def _erode(mask: np.ndarray, radius: int) -> np.ndarray:
     """Binary erosion with a digital disk (pixels outside the image count as foreground)."""
-    h, w = mask.shape
     if radius <= 0:
         return mask.copy()
-    half = _disk_half_widths(radius)
-    pre = _row_prefix(mask, 0)
-    out = np.zeros((h, w), np.uint8)
-    for y in prange(h):
-        n_near = 0
-        for yy in range(max(y - radius, 0), min(y + radius + 1, h)):
-            n_near += pre[yy, w]
-        if n_near == 0:  # no background within reach of this row
-            for x in range(w):
-                out[y, x] = mask[y, x]
-            continue
-        for x in range(w):
-            if mask[y, x] == 0:
-                continue
-            keep = 1
-            for dy in range(-radius, radius + 1):
-                yy = y + dy
-                if yy < 0 or yy >= h:
-                    continue
-                k = half[dy + radius]
-                a = max(x - k, 0)
-                b = min(x + k + 1, w)
-                if pre[yy, b] - pre[yy, a] > 0:
-                    keep = 0
-                    break
-            out[y, x] = keep
-    return out
+    return (1 - _dilate_value(mask, 0, radius)).astype(np.uint8)
 
 
 @njit(cache=True, nogil=True)
@@ -801,7 +764,8 @@ class TissueMask:
             crop = np.pad(labels[r0:r1, c0:c1] == region.label, 1)
             rings = []
             for contour in find_contours(crop.astype(np.float32), 0.5, fully_connected="high"):
-                contour = approximate_polygon(contour, tolerance)
+                simple = approximate_polygon(contour, tolerance)
+                contour = simple if len(simple) >= 4 else contour  # thin slivers: keep all points
                 if len(contour) < 4:
                     continue
                 rows = contour[:, 0] - 1 + r0

@@ -20,10 +20,10 @@ class _RichFolds:
     def __call__(self, event: dict) -> None:
         key = (event["repeat"], event["fold"])
         kind = event["kind"]
-        if kind == "fold_start":
+        if kind == "fold_start" or key not in self.tasks:  # folds on a cluster only report their end
             name = f"repeat {key[0]} fold {key[1]}" if key[0] else f"fold {key[1]}"
-            self.tasks[key] = self.p.add_task(name, total=event["epochs"], info="")
-        elif kind == "epoch":
+            self.tasks[key] = self.p.add_task(name, total=event.get("epochs", 1), info="")
+        if kind == "epoch":
             info = f"train {event['train_loss']:.3f}  val {event['val_loss']:.3f}"
             self.p.update(self.tasks[key], completed=event["epoch"] + 1, info=info)
         elif kind == "fold_end":
@@ -36,7 +36,7 @@ class _RichFolds:
 def command(
     store: Annotated[Path | None, typer.Option("--store", "-s", help="feature store (.zarr)")] = None,
     labels: Annotated[
-        Path | None, typer.Option("--labels", "-l", help="CSV/TSV/parquet: slide_id, [patient_id], target")
+        Path | None, typer.Option("--labels", "-l", help="CSV/TSV/parquet: slide_id, optional patient_id, target column")
     ] = None,
     model: Annotated[
         str | None, typer.Option("--model", "-m", help="MIL head: abmil, gated-abmil, clam-sb, clam-mb, "
