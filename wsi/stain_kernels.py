@@ -143,7 +143,12 @@ _NBINS = 4096
 
 @njit(cache=True, nogil=True, error_model="numpy")
 def _bin(v, vmin, scale):
-    return int(min(max((v - vmin) * scale, 0.0), _NBINS - 1.0))
+    b = int((v - vmin) * scale)
+    if b < 0:
+        return 0
+    if b >= _NBINS:
+        return _NBINS - 1
+    return b
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
@@ -191,36 +196,23 @@ def _pick(scratch, m, r, need_next):
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
-def _collect2(va, vb, n, vmin_a, sc_a, la, ha, vmin_b, sc_b, lb, hb, out_a, out_b):
-    """Copy to ``out_a`` / ``out_b`` the values of ``va`` / ``vb`` (first ``n``) in histogram
-    bins ``la..ha`` / ``lb..hb`` (as value edges, padded outwards against rounding); return
-    the number of values below each range and the number copied."""
-    lo_a = -np.inf if la == 0 else vmin_a + la / sc_a
-    hi_a = np.inf if ha == _NBINS - 1 else vmin_a + (ha + 1) / sc_a
-    lo_b = -np.inf if lb == 0 else vmin_b + lb / sc_b
-    hi_b = np.inf if hb == _NBINS - 1 else vmin_b + (hb + 1) / sc_b
-    pad_a = 1e-9 * (abs(vmin_a) + _NBINS / sc_a)
-    pad_b = 1e-9 * (abs(vmin_b) + _NBINS / sc_b)
-    lo_a -= pad_a
-    hi_a += pad_a
-    lo_b -= pad_b
-    hi_b += pad_b
-    below_a = 0
-    below_b = 0
-    ma = 0
-    mb = 0
+def _collect(vals, n, vmin, scale, b_lo, b_hi, out):
+    """Copy to ``out`` the values of ``vals[:n]`` in histogram bins ``b_lo..b_hi`` (as value
+    edges, padded outwards against rounding); return (number of values below, number copied)."""
+    lo_edge = -np.inf if b_lo == 0 else vmin + b_lo / scale
+    hi_edge = np.inf if b_hi == _NBINS - 1 else vmin + (b_hi + 1) / scale
+    pad = 1e-9 * (abs(vmin) + _NBINS / scale)
+    lo_edge -= pad
+    hi_edge += pad
+    below = 0
+    m = 0
     for i in range(n):
-        x = va[i]
-        y = vb[i]
-        below_a += x < lo_a
-        below_b += y < lo_b
-        if x >= lo_a and x <= hi_a:
-            out_a[ma] = x
-            ma += 1
-        if y >= lo_b and y <= hi_b:
-            out_b[mb] = y
-            mb += 1
-    return below_a, ma, below_b, mb
+        x = vals[i]
+        below += x < lo_edge
+        if x >= lo_edge and x <= hi_edge:
+            out[m] = x
+            m += 1
+    return below, m
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
@@ -395,9 +387,8 @@ def macenko_estimate(px, lut, alpha, beta, he, max_c, pinv, s_a, s_b, v0, v1, id
     rb, rb2, gb = _quantile_index(nt, 100.0 - alpha)
     la, ha, _ = _rank_bins(counts, ra, ra2)
     lb, hb, _ = _rank_bins(counts, rb, rb2)
-    before_a, ma, before_b, mb = _collect2(
-        v0, v0, nt, -2.0, scale, la, ha, -2.0, scale, lb, hb, s_a, s_b
-    )
+    before_a, ma = _collect(v0, nt, -2.0, scale, la, ha, s_a)
+    before_b, mb = _collect(v0, nt, -2.0, scale, lb, hb, s_b)
     lo, hi = _pick(s_a, ma, ra - before_a, ra2 > ra)
     min_phi = _lerp(_angle_of_pseudo(lo), _angle_of_pseudo(hi), ga)
     lo, hi = _pick(s_b, mb, rb - before_b, rb2 > rb)
@@ -464,9 +455,8 @@ def macenko_estimate(px, lut, alpha, beta, he, max_c, pinv, s_a, s_b, v0, v1, id
     r, r2, g = _quantile_index(npx, 99.0)
     la, ha, _ = _rank_bins(counts, r, r2)
     lb, hb, _ = _rank_bins(counts1, r, r2)
-    before_a, ma, before_b, mb = _collect2(
-        v0, v1, npx, lo0, sc0, la, ha, lo1, sc1, lb, hb, s_a, s_b
-    )
+    before_a, ma = _collect(v0, npx, lo0, sc0, la, ha, s_a)
+    before_b, mb = _collect(v1, npx, lo1, sc1, lb, hb, s_b)
     lo, hi = _pick(s_a, ma, r - before_a, r2 > r)
     max_c[0] = _lerp(lo, hi, g)
     lo, hi = _pick(s_b, mb, r - before_b, r2 > r)
