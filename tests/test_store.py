@@ -251,3 +251,13 @@ def test_clean_staging_keeps_live_work(tmp_path):
         live.mkdir(exist_ok=True)  # claim() cleaned b's leftovers; pretend b is writing now
         assert store.clean_staging() == 1
         assert live.exists() and not stale.exists()
+
+
+def test_load_bags_subset_and_missing(tmp_path):
+    store = FeatureStore(tmp_path / "f.zarr")
+    for i in range(3):
+        store.write(f"s{i}", *_arrays(4 + i, 8, seed=i))
+    bags = store.load_bags(["s2", "s0"])
+    assert list(bags) == ["s2", "s0"] and bags["s2"].shape == (6, 8) and bags["s0"].dtype == np.float16
+    with pytest.raises(StoreError, match="'nope' is not in the store"):
+        store.load_bags(["s1", "nope"])

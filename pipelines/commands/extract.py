@@ -97,7 +97,7 @@ def run(job) -> None:
     from rich.text import Text
 
     from models.encoders import EncoderError
-    from pipelines.extract import run_extract
+    from pipelines.extract import load_encoder, run_extract
     from pipelines.inputs import InputError, expand_slides
     from wsi.errors import StoreError
 
@@ -112,8 +112,9 @@ def run(job) -> None:
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), RateColumn(),
                TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
     try:
+        encoder = load_encoder(job)  # before the progress bars: a weights error is one clean line
         with Progress(*columns, console=console, transient=False) as p:
-            summary = run_extract(job, progress=_RichProgress(p, n_slides))
+            summary = run_extract(job, progress=_RichProgress(p, n_slides), encoder=encoder)
     except (StoreError, EncoderError, InputError, ValueError) as err:
         raise fail(str(err)) from err
     console.print(summary.table())
