@@ -69,7 +69,7 @@ def make_cohort(folder: Path, n_slides: int, *, seed: int = 0, workers: int = 2)
     for i, label in enumerate(labels):
         sid = f"demo-{i:03d}"
         n_les = int(rng.integers(1, 4)) if label == "positive" else 0
-        rows.append({"slide_id": sid, "patient_id": f"patient-{i // 2:03d}", "label": label})
+        rows.append({"slide_id": sid, "patient_id": f"patient-{i:03d}", "label": label})
         jobs.append((folder / f"{sid}.svs", seed * 1000 + i, n_les))
     with ProcessPoolExecutor(max_workers=max(1, workers)) as pool:
         truth = list(pool.map(_make_one, jobs))
@@ -146,7 +146,7 @@ def run_demo(job: DemoJob, *, echo=print) -> DemoResult:
     outside: list[np.ndarray] = []
     for row in cohort.itertuples():
         hm = heatmap_slide(out / "run", out / "features.zarr", out / "slides" / f"{row.slide_id}.svs",
-                           out / "heatmaps", thumb_mpp=8.0)  # fmt: skip
+                           out / "heatmaps", thumb_mpp=4.0)  # fmt: skip
         heatmaps[row.slide_id] = hm.png
         if row.label == "positive":
             a_in, a_out = _lesion_attention(hm.csv, json.loads(row.lesions), tiling.patch_size)

@@ -416,6 +416,20 @@ def extract_slide(
     return _run_slides([Path(path)], job, store, encoder, _NoProgress())[0]
 
 
+def _run_on_cluster(paths, job: ExtractJob, store, encoder, progress) -> list[SlideResult]:
+    """One ``extract_slide`` task per slide on ``job.cluster`` (see :mod:`pipelines.cluster`);
+    GPU slides go only to workers that declare a GPU resource."""
+    from pipelines.cluster import gpu_resources, map_slides
+
+    def done(res: SlideResult) -> None:
+        progress.slide_started(res.slide_id, res.n_patches)
+        progress.patches_done(res.n_patches)
+        progress.slide_finished(res)
+
+    resources = gpu_resources(job.cluster) if job.device != "cpu" else None
+    return map_slides(extract_slide, paths, job, job.cluster, resources=resources, progress=done)
+
+
 def run_extract(
     job: ExtractJob, *, progress: ExtractProgress | None = None, encoder: Encoder | None = None
 ) -> RunSummary:
@@ -441,7 +455,8 @@ def run_extract(
     (runs / f"{stamp}-{os.getpid()}-config.yaml").write_text(config_to_yaml(job))
     log.info("extracting %d slides into %s with %s (%s)", len(paths), job.out, encoder.spec.name, encoder.device)
     try:
-        for res in _run_slides(paths, job, store, encoder, progress or _NoProgress()):
+        run = _run_on_cluster if job.cluster is not None else _run_slides
+        for res in run(paths, job, store, encoder, progress or _NoProgress()):
             summary.add(res)
     finally:
         summary.finished = time.time()

@@ -163,7 +163,9 @@ def make_splits(
     out: list[Fold] = []
     for r in range(repeats):
         for k, (train_idx, test_idx) in enumerate(_kfold(folds, seed + r, ids, y, groups)):
-            inner = _kfold(n_val, seed + 1000 * (r + 1) + k, ids[train_idx], y[train_idx], groups[train_idx])
+            # Small cohorts: the inner split cannot have more parts than patients per class.
+            inner_k = max(2, min(n_val, *_patients_per_class(y[train_idx], groups[train_idx]).values()))
+            inner = _kfold(inner_k, seed + 1000 * (r + 1) + k, ids[train_idx], y[train_idx], groups[train_idx])
             fit_idx, val_idx = inner[0]
             out.append(
                 Fold(
