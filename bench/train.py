@@ -60,7 +60,10 @@ def write_store(path: Path, n_slides: int, patches: int, dim: int, seed: int = 0
 
 
 def clam_way_epochs(store: Path, ids, labels, model_name, kw, dim, epochs, lr, device) -> list[tuple[float, float]]:
-    """Per epoch: read each bag from the store, batch size 1, forward/backward/step."""
+    """Per epoch: read each training bag from the store, batch size 1, forward/backward/step."""
+    train = set(bench_fold(ids).train)
+    labels = [y for s, y in zip(ids, labels, strict=True) if s in train]
+    ids = [s for s in ids if s in train]
     fs = FeatureStore(store, mode="r")
     torch.manual_seed(0)
     model = create_mil(model_name, dim, 2, **kw).to(device)
@@ -86,9 +89,14 @@ def clam_way_epochs(store: Path, ids, labels, model_name, kw, dim, epochs, lr, d
     return out
 
 
-def slidepipe_epochs(bags, ids, labels, model_name, kw, epochs, lr, batch_size, run_dir, device) -> list[tuple[float, float]]:
+def bench_fold(ids: list[str]) -> Fold:
+    """Most slides train; a few validate and test (slidepipe validates after every epoch)."""
     n_eval = max(2, len(ids) // 20)
-    fold = Fold(0, 0, train=ids[: -2 * n_eval], val=ids[-2 * n_eval : -n_eval], test=ids[-n_eval:])
+    return Fold(0, 0, train=ids[: -2 * n_eval], val=ids[-2 * n_eval : -n_eval], test=ids[-n_eval:])
+
+
+def slidepipe_epochs(bags, ids, labels, model_name, kw, epochs, lr, batch_size, run_dir, device) -> list[tuple[float, float]]:
+    fold = bench_fold(ids)
     cohort = Cohort(list(ids), list(ids), labels, ["0", "1"])
     job = TrainJob(model=model_name, model_kwargs=kw, epochs=epochs, patience=epochs, lr=lr,
                    batch_size=batch_size, device=device, folds=2)  # fmt: skip

@@ -18,6 +18,7 @@ import logging
 import os
 import shutil
 import socket
+import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
@@ -27,8 +28,8 @@ from uuid import uuid4
 import dask
 
 from pipelines.config import ClusterConfig, load_config
-from pipelines.inputs import slide_id_for
 from pipelines.summary import SlideResult
+from wsi.slide import slide_id_for
 
 if TYPE_CHECKING:
     from distributed import Client, Future
@@ -195,6 +196,20 @@ def _log_dashboard(client: Client) -> None:
         logger.info("Dask dashboard: %s", link)
 
 
+def _import_distributed() -> None:
+    """Import distributed without letting its import-time logging setup (``distributed: info``)
+    undo the levels the application already chose (the CLI quiets Dask to warnings)."""
+    if "distributed" in sys.modules:
+        return
+    names = ("distributed", "distributed.client", "tornado", "bokeh")
+    saved = {name: logging.getLogger(name).level for name in names}
+    import distributed  # noqa: F401
+
+    for name, level in saved.items():
+        if level != logging.NOTSET:
+            logging.getLogger(name).setLevel(level)
+
+
 @contextlib.contextmanager
 def cluster_client(cfg: ClusterConfig | None = None) -> Iterator[Client]:
     """A ``distributed.Client`` on the cluster ``cfg`` describes (default: a local cluster).
@@ -204,6 +219,7 @@ def cluster_client(cfg: ClusterConfig | None = None) -> Iterator[Client]:
     such as ``tcp://host:port``: an existing scheduler (its own retry settings apply).
     The cluster we start is closed on exit; an existing scheduler is left running.
     """
+    _import_distributed()
     from distributed import Client
 
     cfg = cfg or ClusterConfig()
@@ -284,18 +300,26 @@ def submit_calls(
     as many as it has threads: a worker that dies takes down only the tasks it was running, not
     innocent ones waiting behind them. (Tasks with ``resources`` are assigned eagerly by Dask.)
     """
-    from dask._task_spec import Task
     from distributed import as_completed
 
     prefix = prefix or getattr(fn, "__name__", None) or getattr(getattr(fn, "func", None), "__name__", "task")
     names = list(names) if names is not None else [str(i) for i in range(len(calls))]
     group = f"{prefix}-{uuid4().hex[:8]}"
     keys = [(group, name) for name in names]
-    graph = {
-        key: Task(key, fn, *args, _data_producer=True, **kwargs)
-        for key, (args, kwargs) in zip(keys, calls, strict=True)
-    }
-    futures = client.get(graph, keys, sync=False, retries=retries, resources=resources) if keys else []
+    try:
+        from dask._task_spec import Task
+
+        graph = {
+            key: Task(key, fn, *args, _data_producer=True, **kwargs)
+            for key, (args, kwargs) in zip(keys, calls, strict=True)
+        }
+    except (ImportError, TypeError):  # older dask: plain tasks (assigned to workers eagerly)
+        futures = [
+            client.submit(fn, *args, key=key, pure=False, retries=retries, resources=resources, **kwargs)
+            for key, (args, kwargs) in zip(keys, calls, strict=True)
+        ]
+    else:
+        futures = client.get(graph, keys, sync=False, retries=retries, resources=resources) if keys else []
     index = {f.key: i for i, f in enumerate(futures)}
     for fut in as_completed(futures):
         if on_done is not None:

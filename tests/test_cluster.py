@@ -35,8 +35,8 @@ from pipelines.cluster import (
     run_slides,
 )
 from pipelines.config import ClusterConfig, ConfigError, load_config
-from pipelines.inputs import slide_id_for
 from pipelines.summary import SlideResult
+from wsi.slide import slide_id_for
 from wsi.store import FeatureStore
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
@@ -231,7 +231,10 @@ def test_map_slides_spreads_over_two_processes_in_input_order(tmp_path):
     for p in paths:
         p.write_bytes(b"x")
     seen: list[SlideResult] = []
-    results = map_slides(probe_slide, paths, None, local_cfg(), progress=seen.append)
+    cfg = local_cfg()
+    with cluster_client(cfg) as client:
+        client.wait_for_workers(2, timeout=60)
+        results = map_slides(probe_slide, paths, None, cfg, progress=seen.append, client=client)
     assert [r.slide_id for r in results] == [p.stem for p in paths]
     assert all(r.status == "done" and r.extra["exists"] for r in results)
     assert len({r.extra["pid"] for r in results}) == 2
@@ -378,6 +381,36 @@ def test_extract_two_workers_killed_mid_slide_gives_the_single_process_store(tmp
     assert_same_extraction(tmp_path / "serial.zarr", tmp_path / "cluster.zarr")
     store = tmp_path / "cluster.zarr"
     assert not [p for p in (store / ".staging").iterdir()]  # no partial slide anywhere
+    assert not list((store / ".claims").glob("*.claim"))
+
+
+@pytest.mark.cluster
+def test_whole_cluster_run_killed_then_rerun_resumes(tmp_path):
+    """SIGKILL the CLI and its Dask workers mid-run (the job's whole process group), rerun:
+    finished slides are kept, the rest completes, and the store equals a serial run's."""
+    from pipelines.extract import run_extract
+
+    serial = run_extract(extract_job(tmp_path / "serial.zarr"))
+    assert serial.n_failed == 0
+    store = tmp_path / "cluster.zarr"
+    (tmp_path / "local.yaml").write_text(yaml.safe_dump({"kind": "local", "n_workers": 2, "dashboard_address": ":0"}))
+    args = ["extract", *map(str, extract_slides()), "--out", str(store), "--encoder", "tiny-vit",
+            "--weights", "random", "--device", "cpu", "--batch-size", "32", "--threads", "1",
+            "--slide-mpp", "0.5", "--cluster", "local", "--cluster-config", str(tmp_path / "local.yaml")]
+    proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", *args], cwd=tmp_path, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300
+        while not list((store / ".claims").glob("*.claim")) and time.monotonic() < deadline:
+            assert proc.poll() is None, "the run ended before it could be killed"
+            time.sleep(0.05)
+        time.sleep(0.5)  # mid-slide: claimed, staging being written
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    rerun = cli(*args, cwd=tmp_path)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert_same_extraction(tmp_path / "serial.zarr", store)
     assert not list((store / ".claims").glob("*.claim"))
 
 

@@ -124,3 +124,22 @@ def test_cli_heatmap(trained):
     }  # fmt: skip
     r = CliRunner().invoke(app, ["heatmap", "--run", str(run), "--store", str(store)])
     assert r.exit_code == 2 and "required" in r.output
+
+
+def test_overlay_memory_follows_the_thumbnail_not_the_slide():
+    import tracemalloc
+
+    from matplotlib import colormaps  # imported up front: its import is not the overlay's memory
+
+    colormaps["jet"](0.5)
+    rng = np.random.default_rng(0)
+    thumb = np.full((200, 150, 3), 240, np.uint8)
+    n = 50_000  # a 150,000 x 200,000 px slide at 0.25 µm/px drawn at 250 µm/px (scale 0.001)
+    coords = np.stack([rng.integers(0, 150_000, n), rng.integers(0, 200_000, n)], 1)
+    values = rng.random(n)
+    tracemalloc.start()
+    out = render_overlay(thumb, coords, 1024, values, scale=(0.001, 0.001))
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert out.shape == thumb.shape
+    assert peak < 8 * 2**20  # a slide-sized canvas would need > 80 GB; per-patch arrays ~2 MB

@@ -297,3 +297,16 @@ def test_fold_runner_from_store_path_matches_in_memory(tmp_path, witness):
     assert len(calls_seen) == 2 and calls_seen[0]["source"] == str(store)
     assert a.folds == b.folds
     pd.testing.assert_frame_equal(a.predictions, b.predictions)
+
+
+def test_repeats_and_multiclass(tmp_path, witness):
+    store, labels = witness
+    table = pd.read_csv(labels).assign(grade=[f"g{i % 3}" for i in range(60)])
+    res = train_mil(store, table, target="grade", model="mean", folds=2, repeats=2, epochs=1,
+                    out=tmp_path / "r", model_kwargs={"hidden": 8}, device="cpu")  # fmt: skip
+    assert res.classes == ["g0", "g1", "g2"]
+    assert [(f["repeat"], f["fold"]) for f in res.folds] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert sorted(p.name for p in res.checkpoints) == ["fold0.pt", "fold1.pt", "repeat1-fold0.pt", "repeat1-fold1.pt"]
+    assert all(0 <= f["auc"] <= 1 for f in res.folds)  # one-vs-rest macro AUC
+    assert {"prob_g0", "prob_g1", "prob_g2"} <= set(res.predictions.columns)
+    assert len(res.predictions) == 2 * 60  # every slide tested once per repeat
