@@ -38,6 +38,8 @@ MAX_PLAUSIBLE_MPP = 10.0  # µm/px; coarser "resolution tags" are screen/print D
 MIN_PLAUSIBLE_MPP = 0.01
 _MIB = 1 << 20
 _BAND_BYTES = 64 * _MIB  # a thumbnail is built from full-width bands of about this many bytes
+_DIRECT_THUMBNAIL = True  # thumbnails of tiled TIFF levels decode stored tiles (wsi.tiff_tiles)
+_THUMBNAIL_THREADS = 2
 
 
 def slide_id_for(path: str | Path) -> str:
@@ -395,9 +397,11 @@ class Slide:
         """The whole slide at about ``mpp`` µm/px: ``(rgb, actual_mpp_x, actual_mpp_y)``.
 
         Built from the coarsest level with mpp ≤ target (never level 0 when a coarser level
-        suffices), read in full-width bands (~64 MiB; whole strips of a striped TIFF) that are
-        each box-averaged by an integer factor, then Lanczos-resized the rest of the way — so a
-        big single-level file is never held whole.
+        suffices), box-averaged by an integer factor, then Lanczos-resized the rest of the way.
+        A tiled TIFF level (Aperio, generic TIFF, anything tiffslide opens) is decoded from its
+        stored tiles on 2 threads, each tile reduced at once; other formats are read through the
+        backend in full-width bands (~64 MiB; whole strips of a striped TIFF), each reduced — so
+        a big single-level file is never held whole either way.
         """
         w0, h0 = self.dimensions
         mpp_x = self.mpp
@@ -408,14 +412,46 @@ class Slide:
         lw, lh = self.level_dimensions[level]
         ds = self.level_downsamples[level]
         factor = max(1, int(min(lw / out_w, lh / out_h)))
-        band = max(factor, (_BAND_BYTES // (3 * lw)) // factor * factor)
-        bands = []
-        for by in range(0, lh, band):
-            strip = self.read_region((0, round(by * ds)), level, (lw, min(band, lh - by)))
-            bands.append(np.asarray(Image.fromarray(strip).reduce(factor)) if factor > 1 else strip)
-        reduced = bands[0] if len(bands) == 1 else np.concatenate(bands, axis=0)
+        reduced = self._thumbnail_direct(level, factor) if _DIRECT_THUMBNAIL else None
+        if reduced is None:
+            band = max(factor, (_BAND_BYTES // (3 * lw)) // factor * factor)
+            bands = []
+            for by in range(0, lh, band):
+                strip = self.read_region((0, round(by * ds)), level, (lw, min(band, lh - by)))
+                bands.append(
+                    np.asarray(Image.fromarray(strip).reduce(factor)) if factor > 1 else strip
+                )
+            reduced = bands[0] if len(bands) == 1 else np.concatenate(bands, axis=0)
         thumb = resize_rgb(reduced, (out_w, out_h))
         return thumb, w0 * mpp_x / out_w, h0 * mpp_y / out_h
+
+    def _thumbnail_direct(self, level: int, factor: int) -> np.ndarray | None:
+        """``level`` box-reduced by ``factor`` from its stored tiles (``wsi.tiff_tiles``: decoded on
+        2 threads, each tile reduced at once), or None when the format, the tile size or a
+        disagreement with the backend on the first tile (a vendor colour quirk) rules it out; a
+        tile that fails to decode also falls back to the backend, which names the region."""
+        from wsi.tiff_tiles import DIRECT_OPENSLIDE_VENDORS, TiffTileSource, TileDecodeError
+
+        if not (self.backend == "tiffslide" or self.vendor in DIRECT_OPENSLIDE_VENDORS):
+            return None
+        tiles = TiffTileSource.open(self.path, self.level_dimensions, only=level)
+        if tiles is None:
+            return None
+        with tiles:
+            lv = tiles.levels[level]
+            if lv.tile_width % factor or lv.tile_height % factor:
+                return None
+            w, h = min(lv.tile_width, lv.width), min(lv.tile_height, lv.height)
+            try:
+                mine = tiles.decode(level, 0, 0)
+                if mine is not None and not np.array_equal(
+                    mine[:h, :w], self.read_region((0, 0), level, (w, h))
+                ):
+                    return None
+                return tiles.read_level_reduced(level, factor, threads=_THUMBNAIL_THREADS)
+            except (TileDecodeError, CorruptTileError, OSError) as err:
+                logger.debug("%s: thumbnail through the backend (%s)", self.path, err)
+                return None
 
     def info(self) -> dict[str, Any]:
         """A json-able description: dimensions, levels, mpp and its source, vendor, backend."""

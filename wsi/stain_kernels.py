@@ -196,23 +196,35 @@ def _pick(scratch, m, r, need_next):
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
-def _collect(vals, n, vmin, scale, b_lo, b_hi, out):
-    """Copy to ``out`` the values of ``vals[:n]`` in histogram bins ``b_lo..b_hi`` (as value
-    edges, padded outwards against rounding); return (number of values below, number copied)."""
+def _edges(vmin, scale, b_lo, b_hi):
+    """Value range of histogram bins ``b_lo..b_hi``, padded outwards against rounding."""
     lo_edge = -np.inf if b_lo == 0 else vmin + b_lo / scale
     hi_edge = np.inf if b_hi == _NBINS - 1 else vmin + (b_hi + 1) / scale
     pad = 1e-9 * (abs(vmin) + _NBINS / scale)
-    lo_edge -= pad
-    hi_edge += pad
-    below = 0
-    m = 0
+    return lo_edge - pad, hi_edge + pad
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _collect_two(va, vb, n, amin, ascale, la, ha, out_a, bmin, bscale, lb, hb, out_b):
+    """Copy the values of ``va[:n]`` in histogram bins ``la..ha`` to ``out_a`` and those of
+    ``vb[:n]`` in bins ``lb..hb`` to ``out_b`` (``va`` may be ``vb``), in one branch-free pass;
+    return (number of ``va`` values below, number copied, the same for ``vb``)."""
+    alo, ahi = _edges(amin, ascale, la, ha)
+    blo, bhi = _edges(bmin, bscale, lb, hb)
+    below_a = 0
+    below_b = 0
+    ma = 0
+    mb = 0
     for i in range(n):
-        x = vals[i]
-        below += x < lo_edge
-        if x >= lo_edge and x <= hi_edge:
-            out[m] = x
-            m += 1
-    return below, m
+        x = va[i]
+        y = vb[i]
+        below_a += x < alo
+        below_b += y < blo
+        out_a[ma] = x
+        ma += (x >= alo) & (x <= ahi)
+        out_b[mb] = y
+        mb += (y >= blo) & (y <= bhi)
+    return below_a, ma, below_b, mb
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
@@ -308,20 +320,59 @@ def _angle_of_pseudo(v):
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
-def macenko_estimate(px, lut, alpha, beta, he, max_c, pinv, s_a, s_b, v0, v1, idx):
-    """Stain matrix ``he`` (3x2, H then E), its pseudo-inverse ``pinv`` (2x3) and the
-    99th-percentile concentrations ``max_c`` of one image ``px`` (P, 3), as torchstain's numpy
-    Macenko. ``s_a``, ``s_b``, ``v0``, ``v1`` (float64) and ``idx`` (int32) are scratch arrays
-    of length >= P.
-
-    Passes: tissue moments (and the tissue pixels' indices); their angles and a histogram;
-    all concentrations and their histograms; then, over the stored values only, the
-    candidates near each percentile. Percentiles are exact (numpy's linear method): the
-    histograms only narrow down where the order statistics are. Returns ``(ok, n_stain_like)``.
-    """
-    npx = px.shape[0]
+def _tissue_ods(px, lut, beta, o0s, o1s, o2s):
+    """ODs of the pixels of ``px`` with OD >= beta in every channel, compacted in order into
+    ``o0s, o1s, o2s``; returns their number."""
+    mk = np.empty(256, np.int64)
+    for v in range(256):
+        mk[v] = 1 if lut[v] >= beta else 0
+    t = 0  # OD decreases with the value: tissue in a channel is value < t ...
+    while t < 256 and mk[t] == 1:
+        t += 1
+    monotone = True  # ... checked, not assumed
+    for v in range(t, 256):
+        if mk[v] == 1:
+            monotone = False
     nt = 0
+    if monotone:
+        for p in range(px.shape[0]):
+            r = px[p, 0]
+            g = px[p, 1]
+            b = px[p, 2]
+            o0s[nt] = lut[r]
+            o1s[nt] = lut[g]
+            o2s[nt] = lut[b]
+            nt += (r < t) & (g < t) & (b < t)
+    else:
+        for p in range(px.shape[0]):
+            r = px[p, 0]
+            g = px[p, 1]
+            b = px[p, 2]
+            o0s[nt] = lut[r]
+            o1s[nt] = lut[g]
+            o2s[nt] = lut[b]
+            nt += mk[r] & mk[g] & mk[b]
+    return nt
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _count_not_pen(o0s, o1s, o2s, n):
+    """Number of OD rows (o0s, o1s, o2s)[:n] that are not pen ink (branch-free :func:`_not_pen`)."""
     ns = 0
+    for k in range(n):
+        o0 = o0s[k]
+        o1 = o1s[k]
+        o2 = o2s[k]
+        ns += (o0 <= _PEN_RED_OVER_GREEN * o1) & ~(
+            (o0 < _RED_INK_RED_OVER_GREEN * o1) & (o2 > _RED_INK_BLUE_OVER_GREEN * o1)
+        )
+    return ns
+
+
+@njit(cache=True, nogil=True, error_model="numpy", fastmath={"reassoc", "nsz"})
+def _moments(a0, a1, a2, n):
+    """Shifted first and second moments of the rows (a0, a1, a2)[:n] (OD ~ 0.2..2, shifted by
+    1: no cancellation worth the name); summed in any order (vectorised)."""
     s0 = 0.0
     s1 = 0.0
     s2 = 0.0
@@ -331,27 +382,42 @@ def macenko_estimate(px, lut, alpha, beta, he, max_c, pinv, s_a, s_b, v0, v1, id
     s11 = 0.0
     s12 = 0.0
     s22 = 0.0
-    for p in range(npx):
-        o0 = lut[px[p, 0]]
-        o1 = lut[px[p, 1]]
-        o2 = lut[px[p, 2]]
-        if o0 >= beta and o1 >= beta and o2 >= beta:
-            idx[nt] = p
-            nt += 1
-            if _not_pen(o0, o1, o2):
-                ns += 1
-            d0 = o0 - 1.0  # shifted moments (OD ~ 0.2..2): no cancellation worth the name
-            d1 = o1 - 1.0
-            d2 = o2 - 1.0
-            s0 += d0
-            s1 += d1
-            s2 += d2
-            s00 += d0 * d0
-            s01 += d0 * d1
-            s02 += d0 * d2
-            s11 += d1 * d1
-            s12 += d1 * d2
-            s22 += d2 * d2
+    for k in range(n):
+        d0 = a0[k] - 1.0
+        d1 = a1[k] - 1.0
+        d2 = a2[k] - 1.0
+        s0 += d0
+        s1 += d1
+        s2 += d2
+        s00 += d0 * d0
+        s01 += d0 * d1
+        s02 += d0 * d2
+        s11 += d1 * d1
+        s12 += d1 * d2
+        s22 += d2 * d2
+    return s0, s1, s2, s00, s01, s02, s11, s12, s22
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def macenko_estimate(px, lut, alpha, beta, he, max_c, pinv, s_a, s_b, v0, v1, idx):
+    """Stain matrix ``he`` (3x2, H then E), its pseudo-inverse ``pinv`` (2x3) and the
+    99th-percentile concentrations ``max_c`` of one image ``px`` (P, 3), as torchstain's numpy
+    Macenko. ``s_a``, ``s_b``, ``v0``, ``v1`` (float64) and ``idx`` (int32, unused: kept for
+    the call signature) are scratch arrays of length >= P.
+
+    Passes: the tissue pixels' ODs, compacted branch-free; their moments (vectorised, summed
+    in any order: the stain matrix agrees with a sequential sum to ~1e-11); their angles, then
+    a histogram; all concentrations, then their histograms; then, over the stored values
+    only, the candidates near each percentile (both percentiles in one pass). Elementwise
+    passes are kept apart from histogram passes so LLVM vectorises them. Percentiles are exact (numpy's linear method): the
+    histograms only narrow down where the order statistics are. Returns ``(ok, n_stain_like)``.
+    """
+    npx = px.shape[0]
+    # tissue pixels (OD >= beta in every channel) and their ODs, compacted into (s_a, s_b, v1)
+    # without branches: every pixel is written at slot nt, which only advances for tissue
+    nt = _tissue_ods(px, lut, beta, s_a, s_b, v1)
+    ns = _count_not_pen(s_a, s_b, v1, nt)
+    s0, s1, s2, s00, s01, s02, s11, s12, s22 = _moments(s_a, s_b, v1, nt)
     if nt < 3:
         return False, ns
     cov = np.empty((3, 3))
@@ -374,21 +440,21 @@ def macenko_estimate(px, lut, alpha, beta, he, max_c, pinv, s_a, s_b, v0, v1, id
     # would serialise on its own store-to-load latency)
     scale = _NBINS / 4.0
     sub = np.zeros((4, _NBINS), np.int64)
+    for k in range(nt):  # elementwise (vectorised), then the histogram
+        o0 = s_a[k]
+        o1 = s_b[k]
+        o2 = v1[k]
+        v0[k] = _pseudo_angle(o0 * e20 + o1 * e21 + o2 * e22, o0 * e10 + o1 * e11 + o2 * e12)
     for k in range(nt):
-        p = idx[k]
-        o0 = lut[px[p, 0]]
-        o1 = lut[px[p, 1]]
-        o2 = lut[px[p, 2]]
-        v = _pseudo_angle(o0 * e20 + o1 * e21 + o2 * e22, o0 * e10 + o1 * e11 + o2 * e12)
-        v0[k] = v
-        sub[k & 3, _bin(v, -2.0, scale)] += 1
+        sub[k & 3, _bin(v0[k], -2.0, scale)] += 1
     counts = sub[0] + sub[1] + sub[2] + sub[3]
     ra, ra2, ga = _quantile_index(nt, alpha)
     rb, rb2, gb = _quantile_index(nt, 100.0 - alpha)
     la, ha, _ = _rank_bins(counts, ra, ra2)
     lb, hb, _ = _rank_bins(counts, rb, rb2)
-    before_a, ma = _collect(v0, nt, -2.0, scale, la, ha, s_a)
-    before_b, mb = _collect(v0, nt, -2.0, scale, lb, hb, s_b)
+    before_a, ma, before_b, mb = _collect_two(
+        v0, v0, nt, -2.0, scale, la, ha, s_a, -2.0, scale, lb, hb, s_b
+    )
     lo, hi = _pick(s_a, ma, ra - before_a, ra2 > ra)
     min_phi = _lerp(_angle_of_pseudo(lo), _angle_of_pseudo(hi), ga)
     lo, hi = _pick(s_b, mb, rb - before_b, rb2 > rb)
@@ -448,15 +514,17 @@ def macenko_estimate(px, lut, alpha, beta, he, max_c, pinv, s_a, s_b, v0, v1, id
         y = p10 * o0 + p11 * o1 + p12 * o2
         v0[p] = x
         v1[p] = y
-        sub[p & 3, _bin(x, lo0, sc0)] += 1
-        sub1[p & 3, _bin(y, lo1, sc1)] += 1
+    for p in range(npx):  # the histograms apart: the loop above vectorises
+        sub[p & 3, _bin(v0[p], lo0, sc0)] += 1
+        sub1[p & 3, _bin(v1[p], lo1, sc1)] += 1
     counts = sub[0] + sub[1] + sub[2] + sub[3]
     counts1 = sub1[0] + sub1[1] + sub1[2] + sub1[3]
     r, r2, g = _quantile_index(npx, 99.0)
     la, ha, _ = _rank_bins(counts, r, r2)
     lb, hb, _ = _rank_bins(counts1, r, r2)
-    before_a, ma = _collect(v0, npx, lo0, sc0, la, ha, s_a)
-    before_b, mb = _collect(v1, npx, lo1, sc1, lb, hb, s_b)
+    before_a, ma, before_b, mb = _collect_two(
+        v0, v1, npx, lo0, sc0, la, ha, s_a, lo1, sc1, lb, hb, s_b
+    )
     lo, hi = _pick(s_a, ma, r - before_a, r2 > r)
     max_c[0] = _lerp(lo, hi, g)
     lo, hi = _pick(s_b, mb, r - before_b, r2 > r)
@@ -478,20 +546,23 @@ def _macenko_patch(
         dst[:, :] = px
         return PASSTHROUGH
     # colour map M = HE_ref @ diag(maxC_ref / maxC) @ pinv(HE): out = io * exp(-M @ OD),
-    # evaluated as a product of nine 256-entry tables
-    tab = np.empty((3, 3, 256))
+    # evaluated as a product of nine 256-entry tables tab[k, v, c] (the three output channels
+    # of one input value side by side; io folded into the first factor, which is the same
+    # left-to-right product io * t0 * t1 * t2)
+    tab = np.empty((3, 256, 3))
     for c in range(3):
         for k in range(3):
             m = he_ref[c, 0] * (max_c_ref[0] / maxc[0]) * pinv[0, k]
             m += he_ref[c, 1] * (max_c_ref[1] / maxc[1]) * pinv[1, k]
+            f = io if k == 0 else 1.0
             for v in range(256):
-                tab[c, k, v] = math.exp(-m * lut[v])
+                tab[k, v, c] = f * math.exp(-m * lut[v])
     for p in range(npx):
         r = px[p, 0]
         g = px[p, 1]
         b = px[p, 2]
         for c in range(3):
-            val = io * tab[c, 0, r] * tab[c, 1, g] * tab[c, 2, b]
+            val = tab[0, r, c] * tab[1, g, c] * tab[2, b, c]
             if val > 255.0:
                 val = 255.0
             dst[p, c] = np.uint8(val)

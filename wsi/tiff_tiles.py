@@ -24,6 +24,11 @@ logger = logging.getLogger(__name__)
 JPEG = 7
 _RGB, _YCBCR = 2, 6
 
+# OpenSlide formats whose levels are plain TIFF pages on a regular tile grid (others, e.g. Ventana
+# BIF with overlapping tiles or Leica SCN collections, are read through the backend). tiffslide
+# itself decodes pages with tifffile, so any slide it opens qualifies.
+DIRECT_OPENSLIDE_VENDORS = frozenset({"aperio", "generic-tiff"})
+
 
 class TileDecodeError(Exception):
     """One stored tile could not be read or decoded (wrapped into CorruptTileError by callers)."""
@@ -113,9 +118,14 @@ class TiffTileSource:
 
     @classmethod
     def open(
-        cls, path: str | Path, level_dimensions: tuple[tuple[int, int], ...]
+        cls,
+        path: str | Path,
+        level_dimensions: tuple[tuple[int, int], ...],
+        *,
+        only: int | None = None,
     ) -> TiffTileSource | None:
-        """Map each slide level (by its (w, h)) to a tiled TIFF page; None if level 0 cannot be."""
+        """Map each slide level (by its (w, h)) to a tiled TIFF page; None if level 0 cannot be
+        (with ``only=i``: lay out just level ``i``, None if it cannot be)."""
         import tifffile
 
         path = Path(path)
@@ -131,12 +141,13 @@ class TiffTileSource:
                 levels = {
                     index: lv
                     for index, dims in enumerate(level_dimensions)
-                    if (lv := _level_layout(path, index, dims, pages)) is not None
+                    if (only is None or index == only)
+                    and (lv := _level_layout(path, index, dims, pages)) is not None
                 }
             except Exception as err:  # a TIFF tifffile cannot lay out: the backend path handles it
                 logger.debug("%s: no direct tile access (%s)", path, err)
                 return None
-        if 0 not in levels:
+        if (0 if only is None else only) not in levels:
             return None
         return cls(path, levels)
 
@@ -156,8 +167,17 @@ class TiffTileSource:
             )
         return data
 
+    def read_span(self, offset: int, size: int) -> bytes:
+        """``size`` raw bytes of the file at ``offset`` (several stored tiles in one read)."""
+        if self._fd is None:
+            raise ValueError(f"{self.path}: tile source is closed")
+        data = os.pread(self._fd, size, offset)
+        if len(data) != size:
+            raise TileDecodeError(f"file truncated: {len(data)} of {size} bytes at offset {offset}")
+        return data
+
     def decode_bytes(
-        self, level: int, index: int, data: bytes, out: np.ndarray | None = None
+        self, level: int, index: int, data: bytes | memoryview, out: np.ndarray | None = None
     ) -> np.ndarray:
         """Decode one stored tile's bytes to ``(tile_h, tile_w, 3) uint8`` (into ``out`` if given)."""
         import imagecodecs
@@ -196,6 +216,50 @@ class TiffTileSource:
             return None
         lv = self.levels[level]
         return self.decode_bytes(level, ty * lv.tiles_across + tx, data, out)
+
+    def read_level_reduced(self, level: int, factor: int, *, threads: int = 2) -> np.ndarray:
+        """The whole of ``level`` area-averaged by ``factor`` (``wsi.resample.box_reduce``: partial
+        blocks at the right/bottom edge average the pixels they have) → ``(ceil(h/f), ceil(w/f), 3)``.
+
+        Each stored tile is decoded and reduced on its own (``factor`` must divide the tile size),
+        by ``threads`` threads over tile rows (decoders and the reduce kernel release the GIL), so
+        only the output is held. Missing tiles are white. Raises TileDecodeError / OSError.
+        """
+        from concurrent.futures import ThreadPoolExecutor
+
+        from wsi.resample import box_reduce
+
+        lv = self.levels[level]
+        f = int(factor)
+        if f < 1 or lv.tile_width % f or lv.tile_height % f:
+            raise ValueError(f"factor {factor} does not divide the {lv.tile_width} px tiles")
+        tw, th = lv.tile_width // f, lv.tile_height // f
+        out = np.empty((-(-lv.height // f), -(-lv.width // f), 3), np.uint8)
+
+        def row(ty: int) -> None:
+            buf = np.empty((lv.tile_height, lv.tile_width, 3), np.uint8)
+            ey = min(lv.tile_height, lv.height - ty * lv.tile_height)
+            for tx in range(lv.tiles_across):
+                ex = min(lv.tile_width, lv.width - tx * lv.tile_width)
+                dst = out[ty * th : ty * th + -(-ey // f), tx * tw : tx * tw + -(-ex // f)]
+                if self.decode(level, tx, ty, out=buf) is None:
+                    dst[...] = 255
+                elif f == 1:
+                    dst[...] = buf[:ey, :ex]
+                elif ey == lv.tile_height and ex == lv.tile_width:
+                    dst[...] = box_reduce(buf, f)
+                else:
+                    dst[...] = box_reduce(np.ascontiguousarray(buf[:ey, :ex]), f)
+
+        n = max(1, min(int(threads), lv.tiles_down))
+        if n == 1:
+            for ty in range(lv.tiles_down):
+                row(ty)
+        else:
+            with ThreadPoolExecutor(n, thread_name_prefix="slidepipe-thumb") as pool:
+                for _ in pool.map(row, range(lv.tiles_down)):
+                    pass
+        return out
 
     def close(self) -> None:
         self._fd = None

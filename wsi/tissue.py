@@ -254,20 +254,55 @@ def _ink_class(r: float, g: float, b: float, rs: float, gs: float, bs: float) ->
     return cls
 
 
-@njit(cache=True, nogil=True)
+_FEATURE_THREADS = 2  # _features runs on this many threads over row bands (nogil kernel)
+_MIN_BAND_PX = 1 << 18  # ... when the image has at least this many pixels per thread
+
+
 def _features(
     rgb: np.ndarray, bg: np.ndarray, block: int, radius: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Saturation, optical density and ink class of every pixel, relative to the local glass.
 
     The glass colour is bilinearly interpolated between block centres. Black ink is judged on
-    the mean colour of the ``(2 radius + 1)^2`` window around dark pixels.
+    the mean colour of the ``(2 radius + 1)^2`` window around dark pixels. Row bands are
+    computed on ``_FEATURE_THREADS`` threads (every pixel is independent of the others' results).
     """
     h, w, _ = rgb.shape
-    gh, gw, _ = bg.shape
     sat = np.empty((h, w), np.float32)
     od = np.empty((h, w), np.float32)
     ink = np.zeros((h, w), np.uint8)
+    n = max(1, min(_FEATURE_THREADS, (h * w) // _MIN_BAND_PX, h))
+    if n == 1:
+        _features_rows(rgb, bg, block, radius, 0, h, sat, od, ink)
+        return sat, od, ink
+    from concurrent.futures import ThreadPoolExecutor
+
+    cuts = [h * i // n for i in range(n + 1)]
+    with ThreadPoolExecutor(n, thread_name_prefix="slidepipe-tissue") as pool:
+        futures = [
+            pool.submit(_features_rows, rgb, bg, block, radius, a, b, sat, od, ink)
+            for a, b in zip(cuts[:-1], cuts[1:])
+        ]
+        for fut in futures:
+            fut.result()
+    return sat, od, ink
+
+
+@njit(cache=True, nogil=True)
+def _features_rows(
+    rgb: np.ndarray,
+    bg: np.ndarray,
+    block: int,
+    radius: int,
+    y_start: int,
+    y_stop: int,
+    sat: np.ndarray,
+    od: np.ndarray,
+    ink: np.ndarray,
+) -> None:
+    """``_features`` for rows ``[y_start, y_stop)``, into ``sat``, ``od`` and ``ink`` (zeroed)."""
+    h, w, _ = rgb.shape
+    gh, gw, _ = bg.shape
     inv = np.empty((gh, gw, 3), np.float64)
     for i in range(gh):
         for j in range(gw):
@@ -285,7 +320,7 @@ def _features(
         xs0[x] = x0
         xs1[x] = min(x0 + 1, gw - 1)
         wxs[x] = min(max(fx - x0, 0.0), 1.0)
-    for y in range(h):
+    for y in range(y_start, y_stop):
         fy = (y + 0.5) / block - 0.5
         y0 = min(max(int(math.floor(fy)), 0), gh - 1)
         y1 = min(y0 + 1, gh - 1)
@@ -322,7 +357,6 @@ def _features(
                 bs = min((a2 * inv_n + 0.5) * i2, 1.0)
             if s >= 0.08 or max(rs, gs, bs) < 0.45:
                 ink[y, x] = _ink_class(r, g, b, rs, gs, bs)
-    return sat, od, ink
 
 
 @njit(cache=True, nogil=True)
@@ -387,15 +421,16 @@ def _disk_half_widths(radius: int) -> np.ndarray:
 
 
 @njit(cache=True, nogil=True)
-def _dilate_value(mask: np.ndarray, value: int, radius: int) -> np.ndarray:
-    """1 where a digital disk of ``radius`` around the pixel meets a pixel equal to ``value``.
+def _dilate_value(mask: np.ndarray, value: int, radius: int, paint: int) -> np.ndarray:
+    """``paint`` where a digital disk of ``radius`` around the pixel meets a pixel equal to
+    ``value``, ``1 - paint`` elsewhere.
 
     Each horizontal run of ``value`` paints one widened run per disk row (a memset each), so the
     cost follows the number of runs, not pixels x disk area.
     """
     h, w = mask.shape
     half = _disk_half_widths(radius)
-    out = np.zeros((h, w), np.uint8)
+    out = np.zeros((h, w), np.uint8) if paint else np.ones((h, w), np.uint8)
     for y in range(h):
         x = 0
         while x < w:
@@ -409,7 +444,7 @@ def _dilate_value(mask: np.ndarray, value: int, radius: int) -> np.ndarray:
                 yy = y + dy
                 if 0 <= yy < h:
                     k = half[dy + radius]
-                    out[yy, max(x0 - k, 0) : min(x + k, w)] = 1
+                    out[yy, max(x0 - k, 0) : min(x + k, w)] = paint
     return out
 
 
@@ -418,7 +453,7 @@ def _dilate(mask: np.ndarray, radius: int) -> np.ndarray:
     """Binary dilation with a digital disk (pixels outside the image count as background)."""
     if radius <= 0:
         return mask.copy()
-    return _dilate_value(mask, 1, radius)
+    return _dilate_value(mask, 1, radius, 1)
 
 
 @njit(cache=True, nogil=True)
@@ -426,7 +461,7 @@ def _erode(mask: np.ndarray, radius: int) -> np.ndarray:
     """Binary erosion with a digital disk (pixels outside the image count as foreground)."""
     if radius <= 0:
         return mask.copy()
-    return (1 - _dilate_value(mask, 0, radius)).astype(np.uint8)
+    return _dilate_value(mask, 0, radius, 0)
 
 
 @njit(cache=True, nogil=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import typer
 from pydantic import BaseModel
@@ -45,3 +45,31 @@ def fail(message: str, code: int = 2) -> typer.Exit:
     """Print an error line and return the Exit to raise."""
     console.print(f"[red]error:[/red] {message}")
     return typer.Exit(code)
+
+
+ClusterOption = Annotated[
+    str | None,
+    typer.Option(
+        "--cluster",
+        help="where to run: local (Dask worker processes), slurm, pbs, or a scheduler address "
+        "tcp://host:port [default: this process]",
+    ),
+]
+ClusterConfigOption = Annotated[
+    Path | None,
+    typer.Option("--cluster-config", help="YAML of cluster options (queue, cores, memory, gpus...; see configs/cluster/)"),
+]
+
+
+def apply_cluster(job: M, cluster: str | None, cluster_config: Path | None) -> M:
+    """Set ``job.cluster`` from ``--cluster`` / ``--cluster-config`` (over the job file's section)."""
+    if not (cluster or cluster_config):
+        return job
+    from pipelines.cluster import resolve_cluster
+    from pipelines.config import ConfigError
+
+    try:
+        job.cluster = resolve_cluster(job.cluster, cluster, cluster_config)
+    except ConfigError as err:
+        raise fail(str(err)) from err
+    return job

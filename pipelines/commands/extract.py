@@ -7,7 +7,16 @@ from typing import Annotated
 
 import typer
 
-from pipelines.commands._common import CONFIG_HELP, console, fail, resolve_config, setup_logging
+from pipelines.commands._common import (
+    CONFIG_HELP,
+    ClusterConfigOption,
+    ClusterOption,
+    apply_cluster,
+    console,
+    fail,
+    resolve_config,
+    setup_logging,
+)
 
 
 class _RichProgress:
@@ -57,13 +66,8 @@ def command(
     skip_corrupt_tiles: Annotated[
         bool | None, typer.Option("--skip-corrupt-tiles/--no-skip-corrupt-tiles", help="drop undecodable patches")
     ] = None,
-    cluster: Annotated[
-        str | None,
-        typer.Option(help="where to run: local (Dask worker processes), slurm, pbs, or a scheduler address tcp://host:port [default: this process]"),
-    ] = None,
-    cluster_config: Annotated[
-        Path | None, typer.Option(help="YAML of cluster options (queue, cores, memory, gpus...; see configs/cluster/)")
-    ] = None,
+    cluster: ClusterOption = None,
+    cluster_config: ClusterConfigOption = None,
     config: Annotated[Path | None, typer.Option("--config", help=CONFIG_HELP)] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="debug logging")] = False,
 ) -> None:
@@ -85,14 +89,7 @@ def command(
         "skip_corrupt_tiles": skip_corrupt_tiles,
     }
     job = resolve_config(ExtractJob, config, overrides)
-    if cluster or cluster_config:
-        from pipelines.cluster import resolve_cluster
-        from pipelines.config import ConfigError
-
-        try:
-            job.cluster = resolve_cluster(job.cluster, cluster, cluster_config)
-        except ConfigError as err:
-            raise fail(str(err)) from err
+    apply_cluster(job, cluster, cluster_config)
     if not job.slides:
         raise fail("no slides given. Fix: slidepipe extract SLIDES... --out features.zarr")
     run(job)

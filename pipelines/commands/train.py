@@ -7,7 +7,16 @@ from typing import Annotated
 
 import typer
 
-from pipelines.commands._common import CONFIG_HELP, console, fail, resolve_config, setup_logging
+from pipelines.commands._common import (
+    CONFIG_HELP,
+    ClusterConfigOption,
+    ClusterOption,
+    apply_cluster,
+    console,
+    fail,
+    resolve_config,
+    setup_logging,
+)
 
 
 class _RichFolds:
@@ -65,13 +74,8 @@ def command(
     allow_missing: Annotated[
         bool | None, typer.Option("--allow-missing/--no-allow-missing", help="skip labelled slides not in the store")
     ] = None,
-    cluster: Annotated[
-        str | None,
-        typer.Option(help="where to run: local (Dask worker processes), slurm, pbs, or a scheduler address tcp://host:port [default: this process]"),
-    ] = None,
-    cluster_config: Annotated[
-        Path | None, typer.Option(help="YAML of cluster options (queue, cores, memory, gpus...; see configs/cluster/)")
-    ] = None,
+    cluster: ClusterOption = None,
+    cluster_config: ClusterConfigOption = None,
     config: Annotated[Path | None, typer.Option("--config", help=CONFIG_HELP)] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="debug logging")] = False,
 ) -> None:
@@ -93,14 +97,7 @@ def command(
         "torch_threads": threads, "allow_missing": allow_missing,
     }  # fmt: skip
     job = resolve_config(TrainJob, config, overrides)
-    if cluster or cluster_config:
-        from pipelines.cluster import resolve_cluster
-        from pipelines.config import ConfigError
-
-        try:
-            job.cluster = resolve_cluster(job.cluster, cluster, cluster_config)
-        except ConfigError as err:
-            raise fail(str(err)) from err
+    apply_cluster(job, cluster, cluster_config)
     if job.store is None or job.labels is None:
         raise fail("--store and --labels are required. Fix: slidepipe train --store S --labels L --out RUN")
     run(job)
