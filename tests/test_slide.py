@@ -16,6 +16,7 @@ from PIL import Image
 import wsi.slide as slide_mod
 from wsi.errors import CorruptTileError, MissingMPPError, SlideOpenError, UnsupportedSlideError
 from wsi.slide import file_identity, open_slide, resize_rgb, slide_id_for
+from wsi.tiff_tiles import TiffTileSource
 
 BACKENDS = ["openslide", "tiffslide"]
 
@@ -315,9 +316,13 @@ def test_thumbnail_uses_coarse_level(aperio_pyramid, backend, monkeypatch):
 
 
 def test_thumbnail_band_reading_matches_whole(resolution_pyramid, monkeypatch):
-    """The thumbnail level is read in full-width bands, each reduced; the result equals one read."""
+    """Through the backend, the thumbnail level is read in full-width bands, each reduced; the
+    result equals one read (and the direct stored-tile path)."""
     with open_slide(resolution_pyramid.path) as s:
+        direct, *_ = s.thumbnail_at_mpp(4.0)
+        monkeypatch.setattr(slide_mod, "_DIRECT_THUMBNAIL", False)
         whole, *_ = s.thumbnail_at_mpp(4.0)  # level 2 (2.0 µm/px, 160 x 128), factor 2
+        np.testing.assert_array_equal(direct, whole)
         monkeypatch.setattr(slide_mod, "_BAND_BYTES", 160 * 3 * 9)  # 9 rows -> bands of 8
         sizes = []
         orig = s.read_region
@@ -331,6 +336,37 @@ def test_thumbnail_band_reading_matches_whole(resolution_pyramid, monkeypatch):
     assert sizes == [(160, 8)] * 16
     np.testing.assert_array_equal(banded, whole)
     assert banded.shape == (64, 80, 3) and mx == pytest.approx(4.0) and my == pytest.approx(4.0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mpp", [1.2, 2.0, 8.0])
+def test_thumbnail_from_stored_tiles_matches_backend(aperio_pyramid, backend, mpp, monkeypatch):
+    """Thumbnails decoded from stored tiles (2 threads, each tile reduced) equal the backend's
+    band reads (partial edge tiles included)."""
+    with open_slide(aperio_pyramid.path, backend=backend) as s:
+        calls = []
+        orig = s.read_region
+
+        def spy(location, level, size):
+            calls.append(size)
+            return orig(location, level, size)
+
+        monkeypatch.setattr(s, "read_region", spy)
+        reduced = []
+        orig_reduce = TiffTileSource.read_level_reduced
+
+        def spy_reduce(self, level, factor, **kw):
+            reduced.append((level, factor))
+            return orig_reduce(self, level, factor, **kw)
+
+        monkeypatch.setattr(TiffTileSource, "read_level_reduced", spy_reduce)
+        direct, dx, dy = s.thumbnail_at_mpp(mpp)
+        assert len(reduced) == 1 and len(calls) == 1  # one first-tile check against the backend
+        monkeypatch.setattr(slide_mod, "_DIRECT_THUMBNAIL", False)
+        banded, bx, by = s.thumbnail_at_mpp(mpp)
+    assert direct.shape == banded.shape and (dx, dy) == (bx, by)
+    diff = np.abs(direct.astype(int) - banded.astype(int))
+    assert diff.max() <= 1 and diff.mean() < 0.01
 
 
 # --------------------------------------------------------------------------- identity, ids, misc
