@@ -207,7 +207,7 @@ def _edges(vmin, scale, b_lo, b_hi):
 @njit(cache=True, nogil=True, error_model="numpy")
 def _collect_two(va, vb, n, amin, ascale, la, ha, out_a, bmin, bscale, lb, hb, out_b):
     """Copy the values of ``va[:n]`` in histogram bins ``la..ha`` to ``out_a`` and those of
-    ``vb[:n]`` in bins ``lb..hb`` to ``out_b`` (``va`` may be ``vb``), in one pass;
+    ``vb[:n]`` in bins ``lb..hb`` to ``out_b`` (``va`` may be ``vb``), in one branch-free pass;
     return (number of ``va`` values below, number copied, the same for ``vb``)."""
     alo, ahi = _edges(amin, ascale, la, ha)
     blo, bhi = _edges(bmin, bscale, lb, hb)
@@ -220,12 +220,10 @@ def _collect_two(va, vb, n, amin, ascale, la, ha, out_a, bmin, bscale, lb, hb, o
         y = vb[i]
         below_a += x < alo
         below_b += y < blo
-        if x >= alo and x <= ahi:  # rare (a bin or two): well predicted
-            out_a[ma] = x
-            ma += 1
-        if y >= blo and y <= bhi:
-            out_b[mb] = y
-            mb += 1
+        out_a[ma] = x
+        ma += (x >= alo) & (x <= ahi)
+        out_b[mb] = y
+        mb += (y >= blo) & (y <= bhi)
     return below_a, ma, below_b, mb
 
 
