@@ -561,3 +561,27 @@ def test_non_integer_downsample_level_gives_stored_pixels():
         level1 = tif.series[0].levels[1].asarray()
     want = np.stack([level1[y // 2 : y // 2 + 128, x // 2 : x // 2 + 128] for x, y in grid.coords])
     np.testing.assert_array_equal(got.images, want)
+
+
+def test_batched_reads_of_stored_bytes(tissue, tmp_path):
+    """Stored tiles are read in runs (one pread per run of back-to-back tiles): each tile's bytes
+    are exactly its own, and native aligned patches decoded from them equal per-tile decodes."""
+    path = write_tiff(tmp_path / "runs.svs", tissue, aperio=True)
+    with open_slide(path) as slide:
+        grid = make_grid(slide, None, patch_size=256, mpp=slide.mpp, min_tissue=0.0)
+        spec = ReadSpec.from_grid(path, grid)
+        source = reader_mod._open_source(spec, slide)
+        try:
+            lv = source.lv
+            keys = np.arange(lv.tiles_across * lv.tiles_down)
+            spans = source.read_spans(keys[::-1])
+            assert sorted(spans) == keys.tolist()
+            for key in keys.tolist():
+                ty, tx = divmod(key, lv.tiles_across)
+                assert bytes(spans[key]) == source.tiles.tile_bytes(0, tx, ty)
+        finally:
+            source.close()
+        one = read_all(PatchReader(slide, grid, batch_size=7, workers=2))
+    for (x, y), img in zip(grid.coords, one.images, strict=True):
+        with TiffTileSource.open(path, ((tissue.shape[1], tissue.shape[0]),)) as src:
+            np.testing.assert_array_equal(img, src.decode(0, x // 256, y // 256))

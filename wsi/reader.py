@@ -191,6 +191,15 @@ class TileCache:
             self.decoded += 1
         return True
 
+    def uncached(self, keys: np.ndarray) -> np.ndarray:
+        """The distinct ``keys`` not (yet) in the cache: tiles a batch may still have to decode."""
+        keys = np.unique(keys)
+        with self._lock:
+            have = self._entries.keys()
+            if not have or len(keys) == 0:
+                return keys
+            return keys[np.fromiter((k not in have for k in keys.tolist()), bool, len(keys))]
+
     def singles(self, keys: np.ndarray) -> np.ndarray:
         """Which of ``keys`` exactly one patch needs (see ``take_single``; not counted here)."""
         return self._refcounts[keys] == 1
@@ -223,18 +232,24 @@ def _tile_ranges(xy: np.ndarray, size: int, lv: TiffLevel) -> tuple[np.ndarray, 
     return tx0, tx1, ty0, ty1
 
 
+def _touched_keys(xy: np.ndarray, size: int, lv: TiffLevel) -> np.ndarray:
+    """Stored tiles (row-major keys) touched by each read-level box ``xy`` + ``size``, one entry
+    per (patch, tile) pair."""
+    if len(xy) == 0:
+        return np.zeros(0, np.int64)
+    tx0, tx1, ty0, ty1 = _tile_ranges(xy, size, lv)
+    keys = []
+    for dy in range(max(int((ty1 - ty0).max()) + 1, 0)):
+        for dx in range(max(int((tx1 - tx0).max()) + 1, 0)):
+            ok = (ty0 + dy <= ty1) & (tx0 + dx <= tx1)
+            keys.append(((ty0 + dy) * lv.tiles_across + tx0 + dx)[ok])
+    return np.concatenate(keys) if keys else np.zeros(0, np.int64)
+
+
 def tile_refcounts(xy: np.ndarray, size: int, lv: TiffLevel) -> np.ndarray:
     """How many patches (read-level boxes ``xy`` + ``size``) touch each stored tile (row-major)."""
     n_tiles = lv.tiles_across * lv.tiles_down
-    if len(xy) == 0:
-        return np.zeros(n_tiles, np.int32)
-    tx0, tx1, ty0, ty1 = _tile_ranges(xy, size, lv)
-    keys = []
-    for dy in range(int((ty1 - ty0).max()) + 1):
-        for dx in range(int((tx1 - tx0).max()) + 1):
-            ok = (ty0 + dy <= ty1) & (tx0 + dx <= tx1)
-            keys.append(((ty0 + dy) * lv.tiles_across + tx0 + dx)[ok])
-    return np.bincount(np.concatenate(keys), minlength=n_tiles).astype(np.int32)
+    return np.bincount(_touched_keys(xy, size, lv), minlength=n_tiles).astype(np.int32)
 
 
 class _DirectSource:
@@ -252,6 +267,53 @@ class _DirectSource:
         self.tiles = tiles
         self.spec = spec
         self.lv = tiles.levels[spec.level]
+        self._local = threading.local()  # .prefetched: this thread's batch's stored bytes by key
+
+    def read_spans(self, keys: np.ndarray) -> dict[int, memoryview]:
+        """Raw bytes of stored tiles ``keys``, read with one ``pread`` per run of tiles stored back
+        to back (at most 16 MiB): fewer system calls, and fewer GIL hand-offs between workers.
+        Missing tiles and runs that fail to read are left out (read again one by one)."""
+        lv = self.lv
+        keys = np.unique(np.asarray(keys, np.int64))
+        counts = lv.bytecounts[keys]
+        keys, counts = keys[counts > 0], counts[counts > 0]
+        offsets = lv.offsets[keys]
+        order = np.argsort(offsets, kind="stable")
+        keys, counts, offsets = keys[order].tolist(), counts[order].tolist(), offsets[order].tolist()
+        out: dict[int, memoryview] = {}
+        i = 0
+        while i < len(keys):
+            start, end, k = offsets[i], offsets[i] + counts[i], i + 1
+            while k < len(keys) and offsets[k] == end and end + counts[k] - start <= 1 << 24:
+                end += counts[k]
+                k += 1
+            try:
+                view = memoryview(self.tiles.read_span(start, end - start))
+            except (TileDecodeError, OSError):
+                i = k
+                continue
+            for r in range(i, k):
+                o = offsets[r] - start
+                out[keys[r]] = view[o : o + counts[r]]
+            i = k
+        return out
+
+    @contextmanager
+    def prefetched(self, keys: np.ndarray) -> Iterator[None]:
+        """Within the block, tiles ``keys`` decoded by this thread use bytes read ahead in runs."""
+        self._local.prefetched = self.read_spans(keys)
+        try:
+            yield
+        finally:
+            self._local.prefetched = None
+
+    def _decode(self, tx: int, ty: int, out: np.ndarray | None = None) -> np.ndarray | None:
+        pre = getattr(self._local, "prefetched", None)
+        key = ty * self.lv.tiles_across + tx
+        data = pre.get(key) if pre else None
+        if data is None:
+            return self.tiles.decode(self.spec.level, tx, ty, out=out)
+        return self.tiles.decode_bytes(self.spec.level, key, data, out)
 
     def prepare(self, xy: np.ndarray) -> TileCache:
         """Choose the working resolution for these patches (``cache.f``) and make their tile cache."""
@@ -272,11 +334,11 @@ class _DirectSource:
         def decode(key: int) -> np.ndarray | None:
             ty, tx = divmod(key, lv.tiles_across)
             if f == 1:
-                return self.tiles.decode(spec.level, tx, ty)
+                return self._decode(tx, ty)
             buf = getattr(local, "buf", None)
             if buf is None:
                 buf = local.buf = np.empty((lv.tile_height, lv.tile_width, 3), np.uint8)
-            if self.tiles.decode(spec.level, tx, ty, out=buf) is None:
+            if self._decode(tx, ty, out=buf) is None:
                 return None  # missing tile: white
             ex, ey = lv.width - tx * lv.tile_width, lv.height - ty * lv.tile_height
             if ex < lv.tile_width or ey < lv.tile_height:  # past the level's edge: white
@@ -361,7 +423,7 @@ class _DirectSource:
                     ty, tx = divmod(key, lv.tiles_across)
                     failures.append((j, self._corrupt(tx, ty, err)))
         cache.count_decoded(int(done.sum()))
-        return done, failures
+        return done, sorted(failures, key=lambda jf: jf[0])
 
     def read_patch(
         self, x: int, y: int, out: np.ndarray, cache: TileCache
@@ -383,7 +445,7 @@ class _DirectSource:
             key = (y // th) * lv.tiles_across + x // tw
             if cache.take_single(key):  # only this patch needs the tile: decode into the output
                 try:
-                    self.tiles.decode(self.spec.level, x // tw, y // th, out=out)
+                    self._decode(x // tw, y // th, out=out)
                 except (TileDecodeError, OSError) as err:
                     return self._corrupt(x // tw, y // th, err)
                 return None
@@ -556,13 +618,15 @@ def _read_batch(
         done, failures = source.read_singles(xy, images, cache)
         for j, err in failures:
             fail(j, err)
-        for j in np.flatnonzero(~done).tolist():
-            buf = images[j] if scratch is None else scratch
-            err = source.read_patch(int(xy[j, 0]), int(xy[j, 1]), buf, cache)
-            if err is not None:
-                fail(j, err)
-            elif scratch is not None:
-                images[j] = resize_patch(scratch, p)
+        rest = np.flatnonzero(~done)
+        with source.prefetched(cache.uncached(_touched_keys(xy[rest], s, source.lv))):
+            for j in rest.tolist():
+                buf = images[j] if scratch is None else scratch
+                err = source.read_patch(int(xy[j, 0]), int(xy[j, 1]), buf, cache)
+                if err is not None:
+                    fail(j, err)
+                elif scratch is not None:
+                    images[j] = resize_patch(scratch, p)
     else:
         for a, b in source.read_runs(xy):
             x0, y0 = int(xy[a, 0]), int(xy[a, 1])

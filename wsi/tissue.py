@@ -281,7 +281,7 @@ def _features(
     with ThreadPoolExecutor(n, thread_name_prefix="slidepipe-tissue") as pool:
         futures = [
             pool.submit(_features_rows, rgb, bg, block, radius, a, b, sat, od, ink)
-            for a, b in zip(cuts[:-1], cuts[1:])
+            for a, b in zip(cuts[:-1], cuts[1:], strict=True)
         ]
         for fut in futures:
             fut.result()
