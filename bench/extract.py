@@ -114,7 +114,7 @@ def bench_encoder(
 
     spec = get_spec(name)
     mpp = spec.native_mpp or 0.5
-    size = 224 if spec.input_size >= 224 else 64
+    size = spec.input_size  # patches at the encoder input size: no resize, as for the bare forward
     job = job_for(name, slides, tmp / f"{name}.zarr", batch, mpp, size, threads)
     enc = load_encoder(job)
     warm = job_for(name, [warm_slide], tmp / f"{name}-warm.zarr", batch, mpp, size, threads)
