@@ -21,6 +21,7 @@ raising for a bad slide, so a Dask worker can run it (see :mod:`pipelines.cluste
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import shutil
@@ -226,6 +227,13 @@ def _tile_slide(path: Path, slide_id: str, job: TileJob) -> dict[str, Any]:
         grid = make_grid(
             slide, mask, patch_size=t.patch_size, mpp=t.mpp, overlap=t.overlap, min_tissue=t.min_tissue
         )
+        skipped: list = []
+        if len(grid) and (job.save_patches != "none" or job.stain.method != "none"):
+            _write_patch_images(slide, grid, job, out, slide_id, skipped)
+        if skipped and job.save_patches != "none":  # every patch was read: drop the undecodable ones
+            keep = np.ones(len(grid), bool)
+            keep[[i for i, _ in skipped]] = False
+            grid = dataclasses.replace(grid, coords=grid.coords[keep], tissue=grid.tissue[keep])
         attrs = {
             "slide_id": slide_id,
             "slide": slide.info(),
@@ -233,6 +241,7 @@ def _tile_slide(path: Path, slide_id: str, job: TileJob) -> dict[str, Any]:
             "grid": grid.to_attrs(),
             "tissue_fraction": mask.fraction,
             "tissue_mpp": mask.mpp,
+            "n_skipped_corrupt": len(skipped),
         }
         for sub in ("coords", "patches", "geojson", "overlays"):
             (out / sub).mkdir(parents=True, exist_ok=True)
@@ -240,9 +249,6 @@ def _tile_slide(path: Path, slide_id: str, job: TileJob) -> dict[str, Any]:
         write_patches_h5(out / "patches" / f"{slide_id}_patches.h5", slide, grid)
         mask.save_geojson(out / "geojson" / f"{slide_id}.geojson")
         mask.save_overlay(out / "overlays" / f"{slide_id}.png", grid=grid)
-        skipped: list = []
-        if len(grid) and (job.save_patches != "none" or job.stain.method != "none"):
-            _write_patch_images(slide, grid, job, out, slide_id, skipped)
     logger.info("%s: %d patches (tissue %.1f %%)", slide_id, len(grid), 100 * mask.fraction)
     return {
         "n_patches": len(grid),

@@ -140,10 +140,15 @@ def test_skip_corrupt_tiles(corrupt_slide, tmp_path):
 
     job = _job(tmp_path / "b", save_patches="jpeg", skip_corrupt_tiles=True, tiling={"min_tissue": 0.0})
     r = tile_slide(corrupt_slide, job)
-    assert r.status == "done" and r.n_patches == 8 * 6
+    assert r.status == "done" and r.n_patches == 8 * 6 - 1  # the dropped patch is not in the outputs
     assert r.extra["n_skipped_corrupt"] == 1 and r.extra["skipped_corrupt"][0][0] == 0
     names = {p.name for p in (tmp_path / "b" / "images" / "corrupt").glob("*.jpg")}
     assert len(names) == 47 and "0_0.jpg" not in names and "256_0.jpg" in names
+    with h5py.File(tmp_path / "b" / "patches" / "corrupt_patches.h5", "r") as f:
+        coords = f["coords"][:]
+    assert len(coords) == 47 and [0, 0] not in coords.tolist() and [256, 0] in coords.tolist()
+    stored = zarr.open_group(tmp_path / "b" / "coords" / "corrupt.zarr", mode="r")
+    np.testing.assert_array_equal(stored["coords"][:], coords)
 
 
 def test_blank_slide_gives_empty_grid_not_error(tmp_path):
