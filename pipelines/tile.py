@@ -35,8 +35,8 @@ import numpy as np
 from pipelines.config import TileJob, save_resolved_config
 from pipelines.inputs import expand_slides
 from pipelines.summary import RunSummary, SlideResult
-from wsi.errors import CorruptTileError, SlideError
-from wsi.slide import Slide, open_slide, resize_rgb, slide_id_for
+from wsi.errors import SlideError
+from wsi.slide import Slide, open_slide, slide_id_for
 from wsi.tiling import TileGrid, make_grid
 
 logger = logging.getLogger(__name__)
@@ -120,55 +120,26 @@ def write_patches_h5(path: Path, slide: Slide, grid: TileGrid) -> Path:
 # patch reading for --save-patches / --stain
 
 
-def _read_patch(slide: Slide, grid: TileGrid, xy: np.ndarray) -> np.ndarray:
-    side = grid.patch_size_read
-    img = slide.read_region((int(xy[0]), int(xy[1])), grid.read_level, (side, side))
-    if grid.needs_resize:
-        img = resize_rgb(img, (grid.patch_size, grid.patch_size))
-    return img
-
-
 def iter_patches(
     slide: Slide, grid: TileGrid, *, indices: np.ndarray | None = None, workers: int = 1,
     skip_corrupt_tiles: bool = False, batch_size: int = 64, skipped: list | None = None,
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Yield ``(images (B, S, S, 3) uint8, grid indices (B,))`` in grid order.
+    """Yield ``(images (B, S, S, 3) uint8, grid indices (B,))`` in grid order, through
+    ``wsi.reader.PatchReader`` (only the patches at ``indices`` when given). Corrupt patches
+    raise ``CorruptTileError`` unless ``skip_corrupt_tiles`` (then ``(index, reason)`` go to
+    ``skipped``)."""
+    from wsi.reader import PatchReader
 
-    Uses ``wsi.reader.PatchReader`` (planned, threaded reads) when it is available and the
-    whole grid is wanted; otherwise reads patch by patch. Corrupt patches raise
-    ``CorruptTileError`` unless ``skip_corrupt_tiles`` (then ``(index, reason)`` go to ``skipped``).
-    """
-    skipped = skipped if skipped is not None else []
-    if indices is None:
-        try:
-            from wsi.reader import PatchReader
-        except ImportError:
-            PatchReader = None  # noqa: N806 - the reader lands in its own issue
-        if PatchReader is not None:
-            reader = PatchReader(
-                slide, grid, batch_size=batch_size, workers=workers, skip_corrupt_tiles=skip_corrupt_tiles
-            )
-            for batch in reader:
-                yield np.asarray(batch.images), np.asarray(batch.indices)
-            skipped.extend(reader.skipped)
-            return
-        indices = np.arange(len(grid))
-    images: list[np.ndarray] = []
-    keep: list[int] = []
-    for i in indices:
-        try:
-            images.append(_read_patch(slide, grid, grid.coords[i]))
-            keep.append(int(i))
-        except CorruptTileError as err:
-            if not skip_corrupt_tiles:
-                raise
-            skipped.append((int(i), err.reason))
-            logger.warning("%s: skipped corrupt patch %d: %s", slide.path, i, err.reason)
-        if len(images) == batch_size:
-            yield np.stack(images), np.asarray(keep, dtype=np.int64)
-            images, keep = [], []
-    if images:
-        yield np.stack(images), np.asarray(keep, dtype=np.int64)
+    sub = grid
+    if indices is not None:
+        indices = np.asarray(indices, dtype=np.int64)
+        sub = dataclasses.replace(grid, coords=grid.coords[indices], tissue=grid.tissue[indices])
+    reader = PatchReader(slide, sub, batch_size=batch_size, workers=workers, skip_corrupt_tiles=skip_corrupt_tiles)
+    for batch in reader:
+        idx = np.asarray(batch.indices)
+        yield np.asarray(batch.images), (idx if indices is None else indices[idx])
+    if skipped is not None:
+        skipped.extend((int(i if indices is None else indices[i]), reason) for i, reason in reader.skipped)
 
 
 def _save_images(folder: Path, images: np.ndarray, coords: np.ndarray, fmt: str) -> None:
