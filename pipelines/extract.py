@@ -26,6 +26,7 @@ import numpy as np
 from pipelines.config import ExtractJob, config_to_yaml
 from pipelines.summary import RunSummary, SlideResult
 from wsi.errors import StoreMismatchError
+from wsi.reader import prefetch
 from wsi.store import FeatureStore, SlideClaimedError, SlideWriter
 
 if TYPE_CHECKING:
@@ -358,12 +359,6 @@ class _Consumer:
             self._abort(w, err)
 
 
-def _prefetch(iterable, depth: int):
-    from wsi.reader import prefetch
-
-    return prefetch(iterable, depth)
-
-
 def _run_slides(
     paths: Sequence[Path], job: ExtractJob, store: FeatureStore, encoder: Encoder, progress: ExtractProgress
 ) -> list[SlideResult]:
@@ -374,7 +369,7 @@ def _run_slides(
     consumer = _Consumer(store, embedder, normalizer if on_gpu else None, progress)
     results: dict[str, SlideResult] = {}
     try:
-        for ev in _prefetch(producer, job.prefetch):
+        for ev in prefetch(producer, job.prefetch):
             res = consumer.handle(ev)
             if res is not None:
                 results[res.path] = res
@@ -387,7 +382,7 @@ def _run_slides(
     busy = [p for p in paths if results.get(str(p)) is not None and results[str(p)].extra.get("busy")]
     if busy:
         producer.paths = busy
-        for ev in _prefetch(producer, job.prefetch):
+        for ev in prefetch(producer, job.prefetch):
             res = consumer.handle(ev)
             if res is not None:
                 results[res.path] = res
