@@ -101,7 +101,14 @@ class ExtractJob(_Model):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     compile: bool = False
-    workers: int = Field(1, ge=1, description="reader threads per slide")
+    workers: int | None = Field(
+        None, ge=1, description="reader threads per slide (default: half the cores, at most 8)"
+    )
+    reader: Literal["process", "thread"] = Field(
+        "process",
+        description="read patches in a child process (no GIL contention with the encoder) "
+        "or in a thread of this process",
+    )
     overwrite: bool = False
     skip_corrupt_tiles: bool = False
     torch_threads: int | None = Field(

@@ -171,7 +171,7 @@ class _Work:
 
 @dataclass
 class _Event:
-    kind: str  # start | batch | end | fail | skip | busy
+    kind: str  # start | batch | read (a reader whose batches the consumer pulls) | end | fail | skip | busy
     work: _Work
     images: Any = None
     coords: np.ndarray | None = None
@@ -186,6 +186,34 @@ def _stain_normalizer(job: ExtractJob):
     from wsi.stain import load_normalizer
 
     return load_normalizer(job.stain.method, job.stain.target)
+
+
+def _patch_reader(slide: Any, grid: TileGrid, job: ExtractJob, normalizer: Any = None) -> Any:
+    """The slide's patch reader: a pooled child process (``job.reader == "process"``, see
+    :mod:`wsi.reader_process`; the CPU stain normaliser runs there too), else reader threads here."""
+    from wsi import reader_process
+    from wsi.reader import PatchReader
+
+    workers = job.workers or default_reader_workers()
+    kw = {"batch_size": job.batch_size, "workers": workers, "skip_corrupt_tiles": job.skip_corrupt_tiles}
+    if _reads_in_process(job):
+        return reader_process.ProcessPatchReader(
+            slide.path, grid, backend=slide.backend, mpp=job.tiling.slide_mpp, transform=normalizer, **kw
+        )
+    return PatchReader(slide, grid, **kw)
+
+
+def default_reader_workers() -> int:
+    """Reader threads per slide when not given: half the cores this process may use (the rest
+    for the encoder, tissue detection and the next slide), at least 1, at most 8."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(8, cores // 2))
+
+
+def _reads_in_process(job: ExtractJob) -> bool:
+    from wsi import reader_process
+
+    return job.reader == "process" and reader_process.available()
 
 
 class _Producer:
@@ -204,7 +232,6 @@ class _Producer:
             yield from self._slide(Path(path))
 
     def _slide(self, path: Path) -> Iterator[_Event]:
-        from wsi.reader import PatchReader
         from wsi.slide import open_slide, slide_id_for
         from wsi.tiling import make_grid
         from wsi.tissue import detect_tissue
@@ -251,10 +278,14 @@ class _Producer:
                 if len(grid) == 0:
                     yield _Event("end", work)
                     return
-                reader = PatchReader(
-                    slide, grid, batch_size=job.batch_size, workers=job.workers,
-                    skip_corrupt_tiles=job.skip_corrupt_tiles,
-                )
+                if _reads_in_process(job):
+                    # batches are pulled by the encoder thread straight from the child process:
+                    # no hop through this thread, whose GIL hand-offs would slow the encoder
+                    reader = _patch_reader(slide, grid, job, self.normalizer)
+                    yield _Event("read", work, images=reader)
+                    yield _Event("end", work)
+                    return
+                reader = _patch_reader(slide, grid, job)
                 for batch in reader:
                     if work.error is not None:  # the encoder side gave up on this slide
                         break
@@ -313,9 +344,14 @@ class _Consumer:
                 )
                 self.progress.slide_started(w.slide_id, len(w.grid))
             elif ev.kind == "batch":
-                out = self.embedder.launch(ev.images, self.normalizer)
-                self._drain()  # fetch the previous batch while this one computes
-                self.pending.append((w, ev.coords, w.grid.tissue[ev.indices], out))
+                self._encode(w, ev.images, ev.coords, ev.indices)
+            elif ev.kind == "read":
+                reader = ev.images
+                for batch in reader:
+                    self._encode(w, self.embedder.to_tensor(batch.images), np.asarray(batch.coords, np.int64),
+                                 np.asarray(batch.indices))
+                if reader.skipped:
+                    w.attrs["skipped_tiles"] = [[int(i), str(r)] for i, r in reader.skipped]
             elif ev.kind == "end":
                 self._drain()
                 w.writer.attrs.update(w.attrs)  # e.g. skipped_tiles, known only after reading
@@ -332,6 +368,11 @@ class _Consumer:
             self.pending = [p for p in self.pending if p[0] is not w]
             return self._abort(w, err)
         return None
+
+    def _encode(self, w: _Work, images: Any, coords: np.ndarray, indices: np.ndarray) -> None:
+        out = self.embedder.launch(images, self.normalizer)
+        self._drain()  # fetch the previous batch while this one computes
+        self.pending.append((w, coords, w.grid.tissue[indices], out))
 
     def _drain(self, only: _Work | None = None) -> None:
         keep = []

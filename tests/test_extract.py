@@ -336,3 +336,20 @@ def test_stain_normalisation_is_applied_and_recorded(tmp_path, encoder, extracte
     normed = store.read("tcga-cr-7395-01a-01-ts1")
     np.testing.assert_array_equal(normed.coords, plain.coords)  # same patches ...
     assert not np.allclose(normed.features, plain.features, atol=1e-2)  # ... different pixels
+
+
+def test_thread_and_process_readers_write_identical_stores(tmp_path, encoder, extracted):
+    """``--reader thread`` (reader threads here) and the default child process: same bytes,
+    with stain normalisation applied in the child for the process reader."""
+    target = SHARED / "thumbnails" / "tcga-lung-rgb.png"
+    stain = {"method": "reinhard", "target": target} if target.exists() else {"method": "none"}
+    stores = {}
+    for mode in ("thread", "process"):
+        job = make_job(tmp_path / f"{mode}.zarr", [TCGA, REAL / "cmu-1-small-region.svs"], reader=mode, stain=stain)
+        assert {r.status for r in run_extract(job, encoder=encoder).results} == {"done"}
+        stores[mode] = FeatureStore(job.out, mode="r")
+    for sid in ("tcga-cr-7395-01a-01-ts1", "cmu-1-small-region"):
+        a, b = stores["thread"].read(sid), stores["process"].read(sid)
+        assert len(a) > 0
+        np.testing.assert_array_equal(a.coords, b.coords)
+        np.testing.assert_array_equal(a.features, b.features)

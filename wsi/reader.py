@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import numpy as np
 
 from wsi.errors import CorruptTileError
+from wsi.patch_cut import cut_tile_rows
 from wsi.resample import box_reduce, resize_patch
 from wsi.tiff_tiles import (
     DIRECT_OPENSLIDE_VENDORS,
@@ -208,10 +209,11 @@ class TileCache:
         with self._lock:
             self.decoded += n
 
-    def release(self, key: int) -> None:
+    def release(self, key: int, n: int = 1) -> None:
+        """``n`` patches are done with tile ``key``."""
         with self._lock:
             entry = self._entries[key]
-            entry.refs -= 1
+            entry.refs -= n
             if entry.refs <= 0:
                 del self._entries[key]
 
@@ -221,10 +223,10 @@ class TileCache:
 
 def _tile_ranges(xy: np.ndarray, size: int, lv: TiffLevel) -> tuple[np.ndarray, ...]:
     """Per patch: clipped pixel box and the inclusive tile index range it touches."""
-    x0 = np.clip(xy[:, 0], 0, lv.width)
-    y0 = np.clip(xy[:, 1], 0, lv.height)
-    x1 = np.clip(xy[:, 0] + size, 0, lv.width)
-    y1 = np.clip(xy[:, 1] + size, 0, lv.height)
+    x, y = xy[:, 0], xy[:, 1]
+    x0, y0 = np.minimum(np.maximum(x, 0), lv.width), np.minimum(np.maximum(y, 0), lv.height)
+    x1 = np.minimum(np.maximum(x + size, 0), lv.width)
+    y1 = np.minimum(np.maximum(y + size, 0), lv.height)
     empty = (x1 <= x0) | (y1 <= y0)
     tx0, ty0 = x0 // lv.tile_width, y0 // lv.tile_height
     tx1 = np.where(empty, tx0 - 1, (x1 - 1) // lv.tile_width)
@@ -232,18 +234,27 @@ def _tile_ranges(xy: np.ndarray, size: int, lv: TiffLevel) -> tuple[np.ndarray, 
     return tx0, tx1, ty0, ty1
 
 
-def _touched_keys(xy: np.ndarray, size: int, lv: TiffLevel) -> np.ndarray:
-    """Stored tiles (row-major keys) touched by each read-level box ``xy`` + ``size``, one entry
-    per (patch, tile) pair."""
+def _touched_pairs(xy: np.ndarray, size: int, lv: TiffLevel) -> tuple[np.ndarray, np.ndarray]:
+    """Every (patch, stored tile) pair where read-level box ``xy`` + ``size`` touches the tile:
+    patch indices and row-major tile keys."""
     if len(xy) == 0:
-        return np.zeros(0, np.int64)
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
     tx0, tx1, ty0, ty1 = _tile_ranges(xy, size, lv)
-    keys = []
+    patches, keys = [], []
     for dy in range(max(int((ty1 - ty0).max()) + 1, 0)):
         for dx in range(max(int((tx1 - tx0).max()) + 1, 0)):
             ok = (ty0 + dy <= ty1) & (tx0 + dx <= tx1)
+            patches.append(np.flatnonzero(ok))
             keys.append(((ty0 + dy) * lv.tiles_across + tx0 + dx)[ok])
-    return np.concatenate(keys) if keys else np.zeros(0, np.int64)
+    if not keys:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    return np.concatenate(patches).astype(np.int64), np.concatenate(keys).astype(np.int64)
+
+
+def _touched_keys(xy: np.ndarray, size: int, lv: TiffLevel) -> np.ndarray:
+    """Stored tiles (row-major keys) touched by each read-level box ``xy`` + ``size``, one entry
+    per (patch, tile) pair."""
+    return _touched_pairs(xy, size, lv)[1]
 
 
 def tile_refcounts(xy: np.ndarray, size: int, lv: TiffLevel) -> np.ndarray:
@@ -425,59 +436,53 @@ class _DirectSource:
         cache.count_decoded(int(done.sum()))
         return done, sorted(failures, key=lambda jf: jf[0])
 
-    def read_patch(
-        self, x: int, y: int, out: np.ndarray, cache: TileCache
-    ) -> CorruptTileError | None:
-        """Cut the patch at read-level (x, y) into ``out`` (side ``size_read // cache.f``); returns
-        the error of a corrupt tile it touches (``out`` is then garbage) or None."""
+    def cut_patches(
+        self, xy: np.ndarray, out: np.ndarray, cache: TileCache
+    ) -> list[tuple[int, CorruptTileError]]:
+        """Cut the patches at read-level ``xy`` into ``out`` (side ``size_read // cache.f``),
+        visiting each stored tile they touch once (one Numba call per tile, see
+        :mod:`wsi.patch_cut`). Returns (patch, error) for patches touching a corrupt tile (their
+        ``out`` is then garbage)."""
         lv, f = self.lv, cache.f
         s = self.spec.size_read // f
         tw, th = lv.tile_width // f, lv.tile_height // f
         width, height = -(-lv.width // f), -(-lv.height // f)
-        x, y = x // f, y // f
-        x0, y0 = max(x, 0), max(y, 0)
-        x1, y1 = min(x + s, width), min(y + s, height)
-        if (x0, y0, x1, y1) != (x, y, x + s, y + s):
-            out[...] = 255  # outside the level: white, as Slide.read_region
-        if x1 <= x0 or y1 <= y0:
-            return None
-        if f == 1 and s == tw == th and x % tw == 0 and y % th == 0 and x1 - x0 == y1 - y0 == s:
-            key = (y // th) * lv.tiles_across + x // tw
-            if cache.take_single(key):  # only this patch needs the tile: decode into the output
-                try:
-                    self._decode(x // tw, y // th, out=out)
-                except (TileDecodeError, OSError) as err:
-                    return self._corrupt(x // tw, y // th, err)
-                return None
-        failure: CorruptTileError | None = None
-        keys = []
-        for ty in range(y0 // th, (y1 - 1) // th + 1):
-            oy = ty * th
-            ay0, ay1 = max(y0, oy), min(y1, oy + th)
-            for tx in range(x0 // tw, (x1 - 1) // tw + 1):
-                key = ty * lv.tiles_across + tx
-                keys.append(key)
+        pxy = xy // f
+        xs, ys = np.ascontiguousarray(pxy[:, 0]), np.ascontiguousarray(pxy[:, 1])
+        outside = (xs < 0) | (ys < 0) | (xs + s > width) | (ys + s > height)
+        if outside.any():
+            out[outside] = 255  # outside the level: white, as Slide.read_region
+        patches, keys = _touched_pairs(xy, self.spec.size_read, lv)
+        order = np.argsort(keys, kind="stable")
+        patches, keys = patches[order], keys[order]
+        bounds = np.flatnonzero(np.diff(keys)) + 1
+        failures: dict[int, CorruptTileError] = {}
+        starts = np.concatenate([[0], bounds]) if len(keys) else np.zeros(0, np.int64)
+        with self.prefetched(cache.uncached(keys)):
+            for a, b in zip(starts.tolist(), [*bounds.tolist(), len(keys)], strict=False):
+                key, js = int(keys[a]), patches[a:b]
+                ty, tx = divmod(key, lv.tiles_across)
                 tile, err = cache.acquire(key)
-                if err is not None:
-                    if not isinstance(err, (TileDecodeError, OSError)):
-                        for k in keys:
-                            cache.release(k)
-                        raise err
-                    if failure is None:
-                        failure = self._corrupt(tx, ty, err)
-                    continue
-                if failure is not None:
-                    continue
-                ox = tx * tw
-                ax0, ax1 = max(x0, ox), min(x1, ox + tw)
-                dst = out[ay0 - y : ay1 - y, ax0 - x : ax1 - x]
-                if tile is None:  # missing tile: transparent → white
-                    dst[...] = 255
-                else:
-                    dst[...] = tile[ay0 - oy : ay1 - oy, ax0 - ox : ax1 - ox]
-        for key in keys:
-            cache.release(key)
-        return failure
+                try:
+                    if err is not None:
+                        if not isinstance(err, (TileDecodeError, OSError)):
+                            raise err
+                        for j in js.tolist():
+                            failures.setdefault(j, self._corrupt(tx, ty, err))
+                        continue
+                    if tile is None:  # missing tile: transparent → white
+                        tile = self._white(th, tw)
+                    cut_tile_rows(np.ascontiguousarray(tile), tx * tw, ty * th, xs, ys, js, s,
+                                  width, height, out)
+                finally:
+                    cache.release(key, len(js))
+        return sorted(failures.items())
+
+    def _white(self, th: int, tw: int) -> np.ndarray:
+        white = getattr(self, "_white_tile", None)
+        if white is None or white.shape[:2] != (th, tw):
+            white = self._white_tile = np.full((th, tw, 3), 255, np.uint8)
+        return white
 
     def close(self) -> None:
         self.tiles.close()
@@ -603,7 +608,6 @@ def _read_batch(
     images = np.empty((n, p, p, 3), np.uint8)
     keep = np.ones(n, bool)
     skipped: list[tuple[int, str]] = []
-    scratch = np.empty((s, s, 3), np.uint8) if spec.needs_resize else None
 
     def fail(j: int, err: CorruptTileError) -> None:
         if not skip_corrupt:
@@ -613,20 +617,20 @@ def _read_batch(
 
     if isinstance(source, _DirectSource):
         assert cache is not None
-        if spec.size_read // cache.f == p:
-            scratch = None
+        side = s // cache.f  # patches are cut at this side, then resized to p if it differs
         done, failures = source.read_singles(xy, images, cache)
         for j, err in failures:
             fail(j, err)
         rest = np.flatnonzero(~done)
-        with source.prefetched(cache.uncached(_touched_keys(xy[rest], s, source.lv))):
-            for j in rest.tolist():
-                buf = images[j] if scratch is None else scratch
-                err = source.read_patch(int(xy[j, 0]), int(xy[j, 1]), buf, cache)
-                if err is not None:
-                    fail(j, err)
-                elif scratch is not None:
-                    images[j] = resize_patch(scratch, p)
+        if len(rest):
+            whole = len(rest) == n and side == p
+            cut = images if whole else np.empty((len(rest), side, side, 3), np.uint8)
+            for k, err in source.cut_patches(xy[rest], cut, cache):
+                fail(int(rest[k]), err)
+            if not whole:
+                for k, j in enumerate(rest.tolist()):
+                    if keep[j]:
+                        images[j] = cut[k] if side == p else resize_patch(cut[k], p)
     else:
         for a, b in source.read_runs(xy):
             x0, y0 = int(xy[a, 0]), int(xy[a, 1])

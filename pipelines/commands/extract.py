@@ -58,6 +58,11 @@ def command(
     device: Annotated[str | None, typer.Option(help="auto, cpu or cuda")] = None,
     precision: Annotated[str | None, typer.Option(help="auto (bf16 on CUDA, fp32 on CPU), bf16, fp16, fp32")] = None,
     workers: Annotated[int | None, typer.Option(help="reader threads per slide")] = None,
+    reader: Annotated[
+        str | None,
+        typer.Option(help="process: read patches in a child process (default; no GIL contention with the "
+                     "encoder); thread: in threads of this process"),
+    ] = None,
     threads: Annotated[int | None, typer.Option(help="torch CPU threads (1 for bit-reproducible CPU runs)")] = None,
     compile: Annotated[bool | None, typer.Option("--compile/--no-compile", help="torch.compile the trunk")] = None,
     overwrite: Annotated[
@@ -85,7 +90,7 @@ def command(
                    "slide_mpp": slide_mpp},
         "stain": {"method": stain, "target": stain_target},
         "batch_size": batch_size, "device": device, "precision": precision, "workers": workers,
-        "torch_threads": threads, "compile": compile, "overwrite": overwrite,
+        "reader": reader, "torch_threads": threads, "compile": compile, "overwrite": overwrite,
         "skip_corrupt_tiles": skip_corrupt_tiles,
     }
     job = resolve_config(ExtractJob, config, overrides)

@@ -1,0 +1,120 @@
+"""wsi.reader_process: the child-process reader gives what PatchReader gives, errors included."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import numpy as np
+import pytest
+from test_reader import CMU, corrupt_tile, read_all, write_tiff
+
+from wsi import reader_process
+from wsi.errors import CorruptTileError
+from wsi.patch_cut import cut_from_tile
+from wsi.reader import PatchReader
+from wsi.reader_process import ProcessPatchReader, ReaderProcess, ReaderProcessError
+from wsi.slide import open_slide
+from wsi.stain import load_normalizer
+from wsi.tiling import make_grid
+
+pytestmark = pytest.mark.skipif(not reader_process.available(), reason="needs POSIX")
+
+
+@pytest.fixture(scope="module")
+def tissue() -> np.ndarray:
+    import openslide
+
+    with openslide.OpenSlide(str(CMU)) as s:
+        return np.asarray(s.read_region((300, 600), 0, (1800, 1500)).convert("RGB"))
+
+
+@pytest.mark.parametrize(("size", "mpp_factor", "batch"), [(32, 1, 64), (224, 1, 7), (112, 2, 5), (100, 1.5, 16)])
+def test_same_batches_as_thread_reader(size, mpp_factor, batch):
+    """Small patches (many per tile), straddling patches, 2x area reduction, non-integer resize."""
+    with open_slide(CMU) as slide:
+        grid = make_grid(slide, None, patch_size=size, mpp=slide.mpp * mpp_factor, min_tissue=0.0)
+        want = read_all(PatchReader(slide, grid, batch_size=batch))
+        got = read_all(ProcessPatchReader(slide.path, grid, batch_size=batch, backend=slide.backend))
+    assert len(grid) > 0 and got.images.shape == want.images.shape
+    np.testing.assert_array_equal(got.images, want.images)
+    np.testing.assert_array_equal(got.coords, want.coords)
+    np.testing.assert_array_equal(got.indices, want.indices)
+
+
+def test_corrupt_tile_is_typed_or_skipped_in_the_child(tissue, tmp_path):
+    bad = corrupt_tile(write_tiff(tmp_path / "bad.svs", tissue, aperio=True), 3, 2)
+    with open_slide(bad) as slide:
+        grid = make_grid(slide, None, patch_size=224, mpp=slide.mpp, min_tissue=0.0)
+        with pytest.raises(CorruptTileError) as info:
+            read_all(ProcessPatchReader(bad, grid, backend=slide.backend))
+        assert info.value.path == bad and info.value.region == (768, 512, 256, 256)
+        here = PatchReader(slide, grid, skip_corrupt_tiles=True, batch_size=6)
+        want = read_all(here)
+        there = ProcessPatchReader(bad, grid, skip_corrupt_tiles=True, batch_size=6, backend=slide.backend)
+        got = read_all(there)
+    assert there.skipped == here.skipped and len(there.skipped) == 4
+    np.testing.assert_array_equal(got.images, want.images)
+    np.testing.assert_array_equal(got.indices, want.indices)
+
+
+def test_stop_early_then_read_again_and_transform_in_child():
+    norm = load_normalizer("macenko")
+    with open_slide(CMU) as slide:
+        grid = make_grid(slide, None, patch_size=64, mpp=slide.mpp, min_tissue=0.0)
+        want = read_all(PatchReader(slide, grid, batch_size=8))
+    rp = ReaderProcess()
+    try:
+        it = rp.read(CMU, grid, batch_size=8)
+        first = next(it)
+        it.close()  # cancels the read; the child must be ready for the next one
+        np.testing.assert_array_equal(first.images, want.images[:8])
+        got = list(rp.read(CMU, grid, batch_size=8, transform=norm))
+        np.testing.assert_array_equal(np.concatenate([b.images for b in got]), norm.transform(want.images))
+        assert not list(Path(reader_process._shm_dir() or "/tmp").glob("slidepipe-ring-*"))
+    finally:
+        rp.close()
+    assert not rp.alive
+
+
+def test_child_killed_mid_slide_raises_and_the_pool_recovers():
+    with open_slide(CMU) as slide:
+        grid = make_grid(slide, None, patch_size=32, mpp=slide.mpp, min_tissue=0.0)
+    rp = ReaderProcess()
+    it = rp.read(CMU, grid, batch_size=4)
+    next(it)
+    os.kill(rp.proc.pid, signal.SIGKILL)
+    with pytest.raises(ReaderProcessError, match="reader process died") as info:
+        list(it)
+    assert info.value.path == CMU and "--reader thread" in str(info.value)
+    rp.close()
+    assert len(read_all(ProcessPatchReader(CMU, grid, batch_size=512)).indices) == len(grid)
+
+
+def test_missing_file_error_comes_back_typed(tmp_path):
+    from wsi.errors import SlideError
+
+    with open_slide(CMU) as slide:
+        grid = make_grid(slide, None, patch_size=64, mpp=slide.mpp, min_tissue=0.0)
+    with pytest.raises(SlideError, match="gone.svs"):
+        list(ProcessPatchReader(tmp_path / "gone.svs", grid))
+
+
+def test_cut_from_tile_clips_to_tile_and_level_edges():
+    rng = np.random.default_rng(0)
+    tile = rng.integers(0, 256, (256, 240, 3), dtype=np.uint8)
+    out = np.zeros((4, 32, 32, 3), np.uint8)
+    xs, ys = np.array([0, 230, 100, 200]), np.array([0, 10, 250, 100])
+    # placed at (0, 0) on a level 1000 px wide, 120 px high: patch 3 crosses the level's bottom
+    cut_from_tile(tile, 0, 0, xs, ys, np.arange(4), 32, 1000, 120, out)
+    np.testing.assert_array_equal(out[0], tile[:32, :32])
+    np.testing.assert_array_equal(out[1, :, :10], tile[10:42, 230:240])
+    assert not out[1, :, 10:].any()  # beyond the tile: left for the next tile
+    assert not out[2].any()  # below the level's edge (y 250 >= 120)
+    np.testing.assert_array_equal(out[3, :20], tile[100:120, 200:232])
+    assert not out[3, 20:].any()
+    with pytest.raises(ValueError, match="C-contiguous"):
+        cut_from_tile(tile, 0, 0, xs, ys, np.arange(4), 32, 1000, 1000, out[:, :16])
+    with pytest.raises(IndexError):
+        cut_from_tile(tile, 0, 0, xs, ys, np.array([5]), 32, 1000, 1000, out)
