@@ -140,6 +140,12 @@ class TrainJob(_Model):
     lr: float = Field(2e-4, gt=0)
     weight_decay: float = Field(1e-2, ge=0)
     batch_size: int = Field(16, ge=1)
+    max_batch_tokens: int | Literal["auto"] | None = Field(
+        "auto",
+        description="most padded instances per forward/backward pass; a larger batch is split into "
+        "passes whose gradients add up to the batch's (same optimizer step). 'auto': the head's "
+        "default (TransMIL 4096, others no limit); null or 0: no limit",
+    )
     max_instances: int | None = Field(None, ge=1, description="subsample bags above this size in training")
     balance: Literal["loss", "sampler", "none"] = "loss"
     standardize: bool = True
@@ -150,7 +156,23 @@ class TrainJob(_Model):
     )
     allow_missing: bool = False
     log_csv: bool = True
+    tensorboard: bool = Field(
+        False, description="also write TensorBoard scalars to <out>/tensorboard/<fold> (needs tensorboard)"
+    )
     cluster: ClusterConfig | None = None
+
+    @field_validator("max_batch_tokens", mode="before")
+    @classmethod
+    def _token_budget(cls, value: Any) -> Any:
+        if isinstance(value, str) and value.strip().lower() in ("none", "null", "0"):
+            return None
+        if isinstance(value, str) and value.strip().isdigit():
+            value = int(value)
+        if isinstance(value, int) and not isinstance(value, bool):
+            if value < 0:
+                raise ValueError("max_batch_tokens must be 'auto', a positive number, or 0/null (no limit)")
+            return value or None
+        return value
 
 
 class HeatmapJob(_Model):

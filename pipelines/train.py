@@ -1,7 +1,10 @@
 """Cross-validated MIL training on a feature store: ``train_mil(store, labels, ...) -> Results``.
 
 Bags are loaded from the store once, kept in memory as float16 and batched with padding and
-masks (length-bucketed, prepared by a background thread). Features are standardised with
+masks (length-bucketed, prepared by a background thread). A batch above the token budget
+(``max_batch_tokens``: padded instances per pass; by default the head's own, e.g. TransMIL's)
+runs as several forward/backward passes whose gradients add up to the whole batch's, with one
+optimizer step per batch. Features are standardised with
 statistics of the training part of each fold only. Training uses a class-balanced loss (or a
 balanced sampler), AdamW with a cosine schedule and early stopping on a validation part split
 off each training fold; the reported checkpoint is fixed by ``CHECKPOINT_RULE``. On CPU a run is
@@ -9,7 +12,9 @@ repeatable bit-for-bit for a given seed; on CUDA it uses mixed precision.
 
 Run directory: ``config.yaml`` (resolved), ``labels.csv`` (the cohort used), ``splits.json`` /
 ``splits.csv``, ``<fold>.pt`` checkpoints, ``log.csv`` (one row per epoch and fold),
-``predictions.csv``, ``metrics.json`` (``folds`` and ``summary``) and a short ``README.md``.
+``predictions.csv``, ``metrics.json`` (``folds`` and ``summary``) and a short ``README.md``;
+with ``tensorboard: true`` also ``tensorboard/<fold>/`` event files (train loss, validation loss
+and AUC, learning rate per epoch).
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ import pandas as pd
 import torch
 from torch.nn import functional as F
 
-from models.mil import create_mil
+from models.mil import create_mil, get_mil_spec
 from pipelines.config import TrainJob, save_resolved_config
 from pipelines.metrics import METRICS, classification_metrics, json_safe, summarize
 from pipelines.splits import Fold, SplitError, Splits, make_splits
@@ -49,6 +54,16 @@ FoldRunner = Callable[[Callable[..., "FoldResult"], list[dict[str, Any]]], Seque
 
 class LabelTableError(ValueError):
     """The label table cannot be used; the message names the file, the reason and the fix."""
+
+
+class TensorBoardUnavailableError(ImportError):
+    """``tensorboard`` logging was asked for but the package is not installed."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "TensorBoard logging (tensorboard: true / --tensorboard) needs the 'tensorboard' package, "
+            'which is not installed. Fix: pip install "slidepipe[tensorboard]" (or turn the option off)'
+        )
 
 
 class UnknownSlidesError(LabelTableError):
@@ -217,6 +232,38 @@ def length_batches(
     return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
 
 
+def token_chunks(lengths: Sequence[int], max_tokens: int | None) -> list[list[int]]:
+    """Split one batch into passes of consecutive bags whose padded size stays within budget.
+
+    ``lengths`` are the batch's bag lengths (as padded: after any subsampling); a pass of ``k``
+    bags costs ``k * longest`` instances and holds at most ``max_tokens`` of them, except that a
+    bag longer than the budget is a pass on its own. ``None``: the whole batch is one pass.
+    Returns positions into the batch.
+    """
+    if max_tokens is None or len(lengths) <= 1:
+        return [list(range(len(lengths)))]
+    chunks: list[list[int]] = []
+    current: list[int] = []
+    longest = 0
+    for i, n in enumerate(lengths):
+        n = max(1, int(n))
+        grown = max(longest, n)
+        if current and grown * (len(current) + 1) > max_tokens:
+            chunks.append(current)
+            current, grown = [], n
+        current.append(i)
+        longest = grown
+    chunks.append(current)
+    return chunks
+
+
+def batch_token_budget(job: TrainJob) -> int | None:
+    """Padded instances per forward/backward pass: ``job.max_batch_tokens``, or the head's default."""
+    if job.max_batch_tokens == "auto":
+        return get_mil_spec(job.model).batch_tokens
+    return job.max_batch_tokens
+
+
 def collate(
     bags: Sequence[torch.Tensor],
     mean: torch.Tensor | None,
@@ -324,17 +371,23 @@ def predict(
     *,
     batch_size: int = 16,
     device: torch.device | str = "cpu",
+    max_tokens: int | None = None,
 ) -> torch.Tensor:
-    """Logits ``(n, C)`` for ``bags`` in their given order (model in eval mode)."""
+    """Logits ``(n, C)`` for ``bags`` in their given order (model in eval mode).
+
+    ``max_tokens`` bounds the padded instances per forward pass (see ``token_chunks``).
+    """
     model.eval()
     device = torch.device(device)
     out = [None] * len(bags)
-    for idx in length_batches([len(b) for b in bags], batch_size):
-        x, mask = collate([bags[i] for i in idx], mean, std)
-        with _autocast(device):
-            logits = model(x.to(device), mask.to(device)).logits.float().cpu()
-        for j, i in enumerate(idx):
-            out[i] = logits[j]
+    for batch in length_batches([len(b) for b in bags], batch_size):
+        for pos in token_chunks([len(bags[i]) for i in batch], max_tokens):
+            idx = [batch[p] for p in pos]
+            x, mask = collate([bags[i] for i in idx], mean, std)
+            with _autocast(device):
+                logits = model(x.to(device), mask.to(device)).logits.float().cpu()
+            for j, i in enumerate(idx):
+                out[i] = logits[j]
     return torch.stack(out) if out else torch.zeros(0)
 
 
@@ -389,14 +442,42 @@ def train_fold(
         torch.use_deterministic_algorithms(True)
     if job.torch_threads is not None:
         torch.set_num_threads(job.torch_threads)
+    writer = _tensorboard_writer(run_dir / "tensorboard" / split.name) if job.tensorboard else None
     try:
-        return _train_fold(bags, split, cohort, labels, n_classes, job, run_dir, heldout, device, seed, progress)
+        return _train_fold(bags, split, cohort, labels, n_classes, job, run_dir, heldout, device, seed, progress,
+                           writer)  # fmt: skip
     finally:
+        if writer is not None:
+            writer.close()
         torch.use_deterministic_algorithms(prev_det)
         torch.set_num_threads(prev_threads)
 
 
-def _train_fold(bags, split, cohort, labels, n_classes, job, run_dir, heldout, device, seed, progress):
+def _summary_writer_class():
+    """``torch.utils.tensorboard.SummaryWriter``, or ``TensorBoardUnavailableError``."""
+    try:
+        import tensorboard  # noqa: F401  (torch's module imports it lazily and may be cached)
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as err:
+        raise TensorBoardUnavailableError() from err
+    return SummaryWriter
+
+
+def _tensorboard_writer(log_dir: Path):
+    return _summary_writer_class()(log_dir=str(log_dir))
+
+
+def _log_scalars(writer, row: dict[str, Any]) -> None:
+    """One epoch's scalars (step = epoch); a missing or undefined value (e.g. AUC) is skipped."""
+    for tag, key in (("train/loss", "train_loss"), ("val/loss", "val_loss"), ("val/auc", "val_auc"),
+                     ("train/lr", "lr")):  # fmt: skip
+        value = row.get(key)
+        if value is not None and np.isfinite(value):
+            writer.add_scalar(tag, float(value), row["epoch"])
+    writer.flush()
+
+
+def _train_fold(bags, split, cohort, labels, n_classes, job, run_dir, heldout, device, seed, progress, writer):
     torch.manual_seed(seed)
     g_batches = torch.Generator().manual_seed(seed + 1)
     g_sub = torch.Generator().manual_seed(seed + 2)
@@ -421,6 +502,8 @@ def _train_fold(bags, split, cohort, labels, n_classes, job, run_dir, heldout, d
     rows: list[dict[str, Any]] = []
     stale = 0
     lengths = [len(b) for b in train_bags]
+    budget = batch_token_budget(job)
+    cap = job.max_instances
     if progress:
         progress({"kind": "fold_start", "repeat": split.repeat, "fold": split.fold, "epochs": job.epochs})
 
@@ -435,9 +518,12 @@ def _train_fold(bags, split, cohort, labels, n_classes, job, run_dir, heldout, d
 
         def make(k: int, batches=batches):
             idx = batches[k]
-            x, mask = collate([train_bags[i] for i in idx], mean, std,
-                              max_instances=job.max_instances, generator=g_sub)  # fmt: skip
-            return x, mask, ytrain[idx]
+            passes = []
+            for pos in token_chunks([lengths[i] if cap is None else min(lengths[i], cap) for i in idx], budget):
+                x, mask = collate([train_bags[idx[p]] for p in pos], mean, std,
+                                  max_instances=cap, generator=g_sub)  # fmt: skip
+                passes.append((x, mask, torch.tensor(pos)))
+            return passes, ytrain[idx]
 
         return Prefetch(make, len(batches))
 
@@ -449,30 +535,47 @@ def _train_fold(bags, split, cohort, labels, n_classes, job, run_dir, heldout, d
         while True:
             tw = time.perf_counter()
             try:
-                x, mask, y = next(it)
+                passes, y = next(it)
             except StopIteration:
                 break
             wait += time.perf_counter() - tw
-            x, mask, y = x.to(device, non_blocking=True), mask.to(device), y.to(device)
-            with _autocast(device):
-                out = model(x, mask, labels=y)
-                loss = F.cross_entropy(out.logits.float(), y, weight=loss_weights)
-                if out.aux_loss is not None:
-                    loss = loss + out.aux_loss.float()
+            y = y.to(device)
             opt.zero_grad(set_to_none=True)
+            # one pass: the batch's mean loss; several: each pass's share of it (its sum of
+            # weighted losses over the batch's total weight; aux loss by its share of bags), so
+            # the accumulated gradient is the whole batch's
+            denom = None if len(passes) == 1 else (loss_weights[y].sum() if loss_weights is not None else len(y))
+            batch_loss = 0.0
+            for x, mask, pos in passes:
+                x, mask = x.to(device, non_blocking=True), mask.to(device)
+                yp = y if denom is None else y[pos.to(device)]
+                with _autocast(device):
+                    out = model(x, mask, labels=yp)
+                    if denom is None:
+                        loss = F.cross_entropy(out.logits.float(), yp, weight=loss_weights)
+                    else:
+                        loss = F.cross_entropy(out.logits.float(), yp, weight=loss_weights, reduction="sum") / denom
+                    if out.aux_loss is not None:
+                        aux = out.aux_loss.float()
+                        loss = loss + (aux if denom is None else aux * (len(yp) / len(y)))
+                if scaler is not None:
+                    scaler.scale(loss).backward()
+                else:
+                    loss.backward()
+                batch_loss += float(loss.detach())
+                del out, loss  # free this pass's graph before the next one is built
             if scaler is not None:
-                scaler.scale(loss).backward()
                 scaler.step(opt)
                 scaler.update()
             else:
-                loss.backward()
                 opt.step()
             sched.step()
-            total += float(loss.detach()) * len(y)
+            total += batch_loss * len(y)
             n_seen += len(y)
         train_seconds = time.perf_counter() - t0
         it = epoch_batches() if epoch + 1 < job.epochs else None  # prepared during validation
-        val_logits = predict(model, val_bags, mean, std, batch_size=job.batch_size, device=device)
+        val_logits = predict(model, val_bags, mean, std, batch_size=job.batch_size, device=device,
+                             max_tokens=budget)  # fmt: skip
         val_loss = float(F.cross_entropy(val_logits, val_y, weight=loss_weights.cpu() if loss_weights is not None else None))
         val_auc = classification_metrics(val_y.numpy(), torch.softmax(val_logits, 1).numpy())["auc"]
         improved = val_loss < best[0]
@@ -488,6 +591,8 @@ def _train_fold(bags, split, cohort, labels, n_classes, job, run_dir, heldout, d
             "best": improved, "train_seconds": train_seconds, "data_wait_seconds": wait,
         }  # fmt: skip
         rows.append(row)
+        if writer is not None:
+            _log_scalars(writer, row)
         if progress:
             progress({"kind": "epoch", **row, "epochs": job.epochs})
         if stale >= job.patience:
@@ -519,7 +624,8 @@ def _train_fold(bags, split, cohort, labels, n_classes, job, run_dir, heldout, d
     for part, ids in (("test", split.test), ("heldout", list(heldout))):
         if not ids:
             continue
-        logits = predict(model, [bags[s] for s in ids], mean, std, batch_size=job.batch_size, device=device)
+        logits = predict(model, [bags[s] for s in ids], mean, std, batch_size=job.batch_size, device=device,
+                         max_tokens=budget)  # fmt: skip
         probs = torch.softmax(logits, 1).numpy()
         y = np.array([labels[s] for s in ids])
         m = classification_metrics(y, probs)
@@ -599,6 +705,8 @@ def train_mil(
          "out": Path(out) if out is not None else None, **options},
     )  # fmt: skip
     create_mil(job.model, 4, 2, **job.model_kwargs)  # fail fast on a bad model name or option
+    if job.tensorboard:
+        _summary_writer_class()  # fail fast without the package
     run_dir = Path(job.out)
     run_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
@@ -695,7 +803,8 @@ def write_results(
     for k, v in summary.items():
         cell = "n/a" if v["mean"] is None else f"{v['mean']:.3f} ± {v['std']:.3f}"
         lines.append(f"| {k} | {cell} |")
-    lines += ["", "Files: config.yaml, labels.csv, splits.json/.csv, <fold>.pt, log.csv, predictions.csv, metrics.json."]
+    lines += ["", "Files: config.yaml, labels.csv, splits.json/.csv, <fold>.pt, log.csv, predictions.csv, metrics.json"
+              + (", tensorboard/<fold>/ (tensorboard --logdir tensorboard)." if job.tensorboard else ".")]
     (run_dir / "README.md").write_text("\n".join(lines) + "\n")
     return Results(run_dir, cohort.classes, fold_metrics, summary, predictions, splits, job,
                    [Path(r.checkpoint) for r in results])  # fmt: skip
@@ -712,6 +821,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
 
 __all__ = [
     "CHECKPOINT_RULE", "Cohort", "FoldResult", "LabelTableError", "Results", "SplitError",
-    "UnknownSlidesError", "build_cohort", "collate", "length_batches", "load_checkpoint", "predict",
-    "Prefetch", "read_label_table", "standardization_stats", "train_fold", "train_mil",
+    "TensorBoardUnavailableError", "UnknownSlidesError", "batch_token_budget", "build_cohort", "collate",
+    "length_batches", "load_checkpoint", "predict", "Prefetch", "read_label_table", "standardization_stats",
+    "token_chunks", "train_fold", "train_mil",
 ]  # fmt: skip

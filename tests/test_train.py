@@ -20,13 +20,16 @@ from pipelines.splits import SplitError, Splits, make_splits
 from pipelines.train import (
     CHECKPOINT_RULE,
     LabelTableError,
+    TensorBoardUnavailableError,
     UnknownSlidesError,
+    batch_token_budget,
     collate,
     length_batches,
     load_checkpoint,
     predict,
     read_label_table,
     standardization_stats,
+    token_chunks,
     train_mil,
 )
 from wsi.store import FeatureStore
@@ -196,6 +199,36 @@ def test_collate_pads_standardises_and_masks():
     assert torch.all(xs[0, 1:, 0] > xs[0, :-1, 0])  # subsample keeps instance order
 
 
+def test_token_chunks_keep_passes_within_budget():
+    lengths = [100, 200, 300, 300, 900, 5000, 5000]
+    chunks = token_chunks(lengths, 1000)
+    assert [i for c in chunks for i in c] == list(range(len(lengths)))  # every bag once, in order
+    assert chunks == [[0, 1, 2], [3], [4], [5], [6]]  # a bag above the budget runs alone
+    for c in chunks:
+        assert len(c) == 1 or len(c) * max(lengths[i] for i in c) <= 1000
+    assert token_chunks(lengths, None) == [list(range(len(lengths)))]
+    assert token_chunks([0, 0, 0], 2) == [[0, 1], [2]]  # empty bags pad to one instance
+    assert batch_token_budget(TrainJob(model="transmil")) == 4096  # the head's default
+    assert batch_token_budget(TrainJob(model="abmil")) is None
+    assert batch_token_budget(TrainJob(model="transmil", max_batch_tokens="none")) is None
+    assert batch_token_budget(TrainJob(model="abmil", max_batch_tokens=512)) == 512
+
+
+@pytest.mark.parametrize("name", ["abmil", "clam-sb"])
+def test_passes_accumulate_the_whole_batch_gradient(tmp_path, witness, name):
+    """Splitting every batch into one-bag passes trains the same model as whole batches."""
+    store, labels = witness
+    kw = {"abmil": {"hidden": 16, "attn_dim": 8, "dropout": 0.0},
+          "clam-sb": {"hidden": 16, "attn_dim": 8, "dropout": 0.0, "k_sample": 4}}[name]  # fmt: skip
+    opts = dict(model=name, folds=2, epochs=2, lr=1e-3, batch_size=6, model_kwargs=kw, seed=3, device="cpu")
+    whole = train_mil(store, labels, out=tmp_path / "whole", max_batch_tokens=None, **opts)
+    split = train_mil(store, labels, out=tmp_path / "split", max_batch_tokens=1, **opts)
+    a, b = (pd.read_csv(r.run_dir / "log.csv") for r in (whole, split))
+    np.testing.assert_allclose(a[["train_loss", "val_loss"]], b[["train_loss", "val_loss"]], rtol=1e-4)
+    cols = ["prob_neg", "prob_pos"]
+    np.testing.assert_allclose(whole.predictions[cols], split.predictions[cols], atol=1e-4)
+
+
 # --------------------------------------------------------------------------- training
 HEAVY = pytest.mark.slow  # same acceptance, run with -m slow (about 5-20 s each here)
 
@@ -280,6 +313,42 @@ def test_cli_train(tmp_path, witness):
     bad.write_text("slide_id,label\ns000,0\nnope,1\n")
     r = CliRunner().invoke(app, ["train", "--store", str(store), "--labels", str(bad), "--out", str(out)])
     assert r.exit_code == 2 and "nope" in r.output
+
+
+def test_tensorboard_scalars_per_fold(tmp_path, witness):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from pipelines.cli import app
+
+    store, labels = witness
+    out = tmp_path / "run"
+    r = CliRunner().invoke(app, ["train", "--store", str(store), "--labels", str(labels), "--out", str(out),
+                                 "--model", "mean", "--folds", "2", "--epochs", "3", "--patience", "3",
+                                 "--device", "cpu", "--tensorboard", "--max-batch-tokens", "600"])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    job = TrainJob.model_validate(yaml.safe_load((out / "config.yaml").read_text()))
+    assert job.tensorboard and job.max_batch_tokens == 600
+    logs = pd.read_csv(out / "log.csv")
+    for fold in (0, 1):
+        acc = EventAccumulator(str(out / "tensorboard" / f"fold{fold}"))
+        acc.Reload()
+        assert {"train/loss", "val/loss", "val/auc", "train/lr"} <= set(acc.Tags()["scalars"])
+        mine = logs[logs.fold == fold]
+        for tag, col in (("train/loss", "train_loss"), ("val/loss", "val_loss"), ("train/lr", "lr")):
+            events = acc.Scalars(tag)
+            assert [e.step for e in events] == [0, 1, 2]
+            np.testing.assert_allclose([e.value for e in events], mine[col], rtol=1e-6)
+
+
+def test_tensorboard_missing_is_a_named_error(tmp_path, witness, monkeypatch):
+    import sys
+
+    store, labels = witness
+    monkeypatch.setitem(sys.modules, "tensorboard", None)  # import tensorboard -> ImportError
+    with pytest.raises(TensorBoardUnavailableError, match=r'pip install "slidepipe\[tensorboard\]"'):
+        train_mil(store, labels, out=tmp_path / "run", model="mean", epochs=1, folds=2, tensorboard=True,
+                  device="cpu")  # fmt: skip
+    assert not (tmp_path / "run" / "metrics.json").exists()
 
 
 def test_fold_runner_from_store_path_matches_in_memory(tmp_path, witness):

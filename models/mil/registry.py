@@ -20,6 +20,11 @@ class MILSpec:
     description: str = ""
     reference: str = ""
     permutation_invariant: bool = True
+    #: most (padded) instances per forward/backward pass in training by default; ``None`` = no
+    #: limit. Heads that gain nothing from batching (TransMIL runs each bag on its own) set a
+    #: small budget so a batch's gradient is accumulated over passes instead of holding every
+    #: bag's activations at once.
+    batch_tokens: int | None = None
 
 
 _REGISTRY: dict[str, MILSpec] = {}
@@ -31,8 +36,13 @@ def register_mil(
     description: str = "",
     reference: str = "",
     permutation_invariant: bool = True,
+    batch_tokens: int | None = None,
 ) -> Callable[[type[MILHead]], type[MILHead]]:
-    """Class decorator adding a head to the registry; defaults come from ``__init__``."""
+    """Class decorator adding a head to the registry; defaults come from ``__init__``.
+
+    ``batch_tokens``: the head's default training budget of padded instances per pass (see
+    ``MILSpec.batch_tokens``).
+    """
 
     def deco(cls: type[MILHead]) -> type[MILHead]:
         if name in _REGISTRY:
@@ -43,7 +53,8 @@ def register_mil(
             for k, p in params.items()
             if k not in ("self", "in_dim", "n_classes") and p.default is not inspect.Parameter.empty
         }
-        _REGISTRY[name] = MILSpec(name, cls, defaults, description, reference, permutation_invariant)
+        _REGISTRY[name] = MILSpec(name, cls, defaults, description, reference, permutation_invariant,
+                                  batch_tokens)
         return cls
 
     return deco

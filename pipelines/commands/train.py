@@ -62,7 +62,13 @@ def command(
     patience: Annotated[int | None, typer.Option(help="early-stopping patience (epochs)")] = None,
     lr: Annotated[float | None, typer.Option(help="AdamW learning rate")] = None,
     weight_decay: Annotated[float | None, typer.Option(help="AdamW weight decay")] = None,
-    batch_size: Annotated[int | None, typer.Option(help="bags per batch")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="bags per batch (per optimizer step)")] = None,
+    max_batch_tokens: Annotated[
+        str | None,
+        typer.Option(help="most padded patches per forward/backward pass; bigger batches accumulate "
+                     "gradients over passes. 'auto' (the head's default: TransMIL 4096, others no "
+                     "limit), a number, or 'none'"),  # fmt: skip
+    ] = None,
     max_instances: Annotated[int | None, typer.Option(help="subsample larger bags to this size in training")] = None,
     balance: Annotated[str | None, typer.Option(help="class balance: loss, sampler or none")] = None,
     standardize: Annotated[
@@ -74,6 +80,11 @@ def command(
     allow_missing: Annotated[
         bool | None, typer.Option("--allow-missing/--no-allow-missing", help="skip labelled slides not in the store")
     ] = None,
+    tensorboard: Annotated[
+        bool | None,
+        typer.Option("--tensorboard/--no-tensorboard",
+                     help="also write TensorBoard scalars to OUT/tensorboard/<fold> (needs slidepipe[tensorboard])"),  # fmt: skip
+    ] = None,
     cluster: ClusterOption = None,
     cluster_config: ClusterConfigOption = None,
     config: Annotated[Path | None, typer.Option("--config", help=CONFIG_HELP)] = None,
@@ -82,7 +93,8 @@ def command(
     """Train a MIL head with patient-grouped, stratified k-fold cross-validation.
 
     Writes config.yaml, splits.json, one checkpoint per fold (best validation loss), log.csv,
-    predictions.csv and metrics.json (per fold and mean ± sd) into --out.
+    predictions.csv and metrics.json (per fold and mean ± sd) into --out; with --tensorboard
+    also tensorboard/<fold>/ (view with: tensorboard --logdir OUT/tensorboard).
     Exit code 2 for a usage, label-table or store error.
     """
     from pipelines.config import TrainJob
@@ -92,7 +104,8 @@ def command(
         "store": store, "labels": labels, "model": model, "out": out, "target": target,
         "folds": folds, "repeats": repeats, "test_frac": test_frac, "val_frac": val_frac,
         "splits": splits, "epochs": epochs, "patience": patience, "lr": lr,
-        "weight_decay": weight_decay, "batch_size": batch_size, "max_instances": max_instances,
+        "weight_decay": weight_decay, "batch_size": batch_size, "max_batch_tokens": max_batch_tokens,
+        "max_instances": max_instances, "tensorboard": tensorboard,
         "balance": balance, "standardize": standardize, "seed": seed, "device": device,
         "torch_threads": threads, "allow_missing": allow_missing,
     }  # fmt: skip
@@ -108,7 +121,7 @@ def run(job) -> None:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from pipelines.splits import SplitError
-    from pipelines.train import LabelTableError, train_mil
+    from pipelines.train import LabelTableError, TensorBoardUnavailableError, train_mil
     from wsi.errors import StoreError
 
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -116,7 +129,7 @@ def run(job) -> None:
     try:
         with Progress(*columns, console=console, transient=False) as p:
             results = train_mil(job.store, job.labels, job=job, progress=_RichFolds(p))
-    except (LabelTableError, SplitError, StoreError) as err:
+    except (LabelTableError, SplitError, StoreError, TensorBoardUnavailableError) as err:
         raise fail(str(err)) from err
     except (ValueError, TypeError) as err:  # bad model name / option
         raise fail(str(err)) from err
