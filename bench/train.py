@@ -6,9 +6,10 @@ A synthetic cohort (default 500 slides x ~4,000 patches x 768-d fp16; bag length
 cohort into memory, then per model (abmil, transmil) and loader the epoch time, the time the
 training loop waited for data, its share of the epoch (target < 5 % for slidepipe) and the
 speed-up of slidepipe's epoch over the CLAM-way epoch. The slidepipe rows run the real
-``pipelines.train.train_fold`` (its epoch log) with the head's default token budget
-(``--max-batch-tokens``: TransMIL runs a batch as passes of <= 4096 patches, accumulating the
-gradient; one optimizer step per batch either way). Both loaders run ``--rounds`` times in
+``pipelines.train.train_fold`` (its epoch log) with the default token budget
+(``--max-batch-tokens auto``: TransMIL runs a batch as passes of <= 4096 patches, and on CPU every
+head as cache-sized passes of <= 16 MiB of float32 features, accumulating the gradient; one
+optimizer step per batch either way). Both loaders run ``--rounds`` times in
 alternation; a row reports the fastest epoch after each run's first (the least disturbed by
 other load on a shared machine).
 
@@ -129,7 +130,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--max-batch-tokens", default="auto",
-                    help="slidepipe's padded patches per forward/backward pass: auto (the head's default), N or none")  # fmt: skip
+                    help="slidepipe's padded patches per forward/backward pass: auto (the head's default; on CPU cache-sized), N or none")  # fmt: skip
     ap.add_argument("--models", default="abmil,transmil")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--rounds", type=int, default=2, help="alternating A/B repetitions per model")
@@ -169,7 +170,7 @@ def run(args, work: Path) -> None:
         kw: dict = dict(QUICK_KW.get(name, {})) if args.quick else {}
         ours_runs, clam_runs = [], []
         job = slidepipe_job(name, kw, args.epochs, 2e-4, args.batch_size, args.device, args.max_batch_tokens)
-        budget = batch_token_budget(job)
+        budget = batch_token_budget(job, device=args.device, in_dim=args.dim)
         for _ in range(args.rounds):  # alternate A/B so drifting machine load hits both alike
             ours_runs += _after_first(slidepipe_epochs(bags, ids, labels, job, work))
             clam_runs += _after_first(clam_way_epochs(store, ids, labels, name, kw, args.dim, args.epochs, 2e-4,

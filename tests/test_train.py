@@ -212,6 +212,11 @@ def test_token_chunks_keep_passes_within_budget():
     assert batch_token_budget(TrainJob(model="abmil")) is None
     assert batch_token_budget(TrainJob(model="transmil", max_batch_tokens="none")) is None
     assert batch_token_budget(TrainJob(model="abmil", max_batch_tokens=512)) == 512
+    # on CPU, 'auto' keeps a pass's float32 features cache-sized (16 MiB), under the head's own cap
+    assert batch_token_budget(TrainJob(model="abmil"), device="cpu", in_dim=768) == (16 << 20) // (4 * 768)
+    assert batch_token_budget(TrainJob(model="transmil"), device="cpu", in_dim=768) == 4096
+    assert batch_token_budget(TrainJob(model="transmil"), device="cpu", in_dim=2560) == (16 << 20) // (4 * 2560)
+    assert batch_token_budget(TrainJob(model="abmil", max_batch_tokens=None), device="cpu", in_dim=768) is None
 
 
 @pytest.mark.parametrize("name", ["abmil", "clam-sb"])

@@ -67,7 +67,7 @@ def command(
         str | None,
         typer.Option(help="most padded patches per forward/backward pass; bigger batches accumulate "
                      "gradients over passes. 'auto' (the head's default: TransMIL 4096, others no "
-                     "limit), a number, or 'none'"),  # fmt: skip
+                     "limit; on CPU at most 16 MiB of float32 features per pass), a number, or 'none'"),  # fmt: skip
     ] = None,
     max_instances: Annotated[int | None, typer.Option(help="subsample larger bags to this size in training")] = None,
     balance: Annotated[str | None, typer.Option(help="class balance: loss, sampler or none")] = None,
