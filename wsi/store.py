@@ -31,6 +31,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterable, Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -472,8 +473,11 @@ class FeatureStore:
                 w.finish()
                 self._commit(slide_id, staging)
             except BaseException:
+                w.close()  # no write may land after the staging directory is gone
                 shutil.rmtree(staging, ignore_errors=True)
                 raise
+            finally:
+                w.close()
 
     def write(
         self,
@@ -513,8 +517,49 @@ class FeatureStore:
                 shutil.rmtree(trash, ignore_errors=True)
 
 
+class _Column:
+    """Rows bound for one Zarr array, written in whole chunks only (no read-modify-write)."""
+
+    def __init__(self, array: zarr.Array, rows: int) -> None:
+        self.array = array
+        self.rows = rows  # rows per chunk
+        self.n = 0  # rows handed out for writing
+        self._pending: list[np.ndarray] = []
+        self._n_pending = 0
+
+    def add(self, block: np.ndarray) -> None:
+        self._pending.append(block)
+        self._n_pending += len(block)
+
+    def take(self, *, final: bool) -> tuple[int, np.ndarray] | None:
+        """``(start, rows)`` of the whole chunks pending (everything if ``final``), or None."""
+        n = self._n_pending if final else (self._n_pending // self.rows) * self.rows
+        if n == 0:
+            return None
+        data = self._pending[0] if len(self._pending) == 1 else np.concatenate(self._pending)
+        self._pending = [data[n:]] if n < len(data) else []
+        self._n_pending = len(data) - n
+        start, self.n = self.n, self.n + n
+        return start, data[:n]
+
+
+def _write_rows(array: zarr.Array, start: int, data: np.ndarray) -> None:
+    stop = start + len(data)
+    if stop > array.shape[0]:
+        array.resize((max(stop, 2 * array.shape[0]), *array.shape[1:]))
+    array[start:stop] = data
+
+
 class SlideWriter:
-    """Appends batches of one slide into a staging Zarr group, writing whole chunks only."""
+    """Appends batches of one slide into a staging Zarr group.
+
+    Each array is written in whole chunks, by one background thread (compression and file writes
+    never hold up the caller, e.g. an encoder loop); at most ``max_pending`` writes wait for it.
+    Errors of a write are raised by the next ``append`` or by ``finish``. ``close()`` (done by
+    ``FeatureStore.writer``) waits for writes under way.
+    """
+
+    max_pending = 2
 
     def __init__(self, path: Path, *, dim: int, capacity: int = 0, attrs: Mapping[str, Any] | None = None) -> None:
         if dim < 1:
@@ -524,19 +569,19 @@ class SlideWriter:
         self.rows = rows_per_chunk(self.dim)
         self.attrs = dict(attrs or {})
         self.n = 0
-        self._pending: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
-        self._n_pending = 0
         shape = max(0, int(capacity))
         self.group = zarr.open_group(path, mode="w")
         self.features = self.group.create_array(
             "features", shape=(shape, self.dim), dtype="float16", chunks=(self.rows, self.dim)
         )
-        self.coords = self.group.create_array(
-            "coords", shape=(shape, 2), dtype="int64", chunks=(max(self.rows, 1 << 16), 2)
-        )
-        self.tissue = self.group.create_array(
-            "tissue", shape=(shape,), dtype="float32", chunks=(max(self.rows, 1 << 16),)
-        )
+        # coords and tissue: chunks of a whole number of feature chunks, >= 65,536 rows
+        side_rows = self.rows * max(1, -(-(1 << 16) // self.rows))
+        self.coords = self.group.create_array("coords", shape=(shape, 2), dtype="int64", chunks=(side_rows, 2))
+        self.tissue = self.group.create_array("tissue", shape=(shape,), dtype="float32", chunks=(side_rows,))
+        self._columns = [_Column(self.features, self.rows), _Column(self.coords, side_rows),
+                         _Column(self.tissue, side_rows)]  # fmt: skip
+        self._io: ThreadPoolExecutor | None = None
+        self._writes: list[Future] = []
 
     def append(self, features: np.ndarray, coords: np.ndarray, tissue: np.ndarray | None = None) -> None:
         """Add rows; features are cast to float16."""
@@ -559,41 +604,42 @@ class SlideWriter:
                 f"{self.path}: non-finite features (NaN/inf after float16 cast). "
                 "Fix: check the encoder weights and precision"
             )
-        self._pending.append((f16, coords, tissue))
-        self._n_pending += n
-        if self._n_pending >= self.rows:
-            self._flush(final=False)
+        for column, block in zip(self._columns, (f16, coords, tissue), strict=True):
+            column.add(block)
+        self.n += n
+        self._flush(final=False)
 
     def _flush(self, *, final: bool) -> None:
-        if not self._pending:
+        jobs = [(c.array, *t) for c in self._columns if (t := c.take(final=final)) is not None]
+        if not jobs:
             return
-        f = np.concatenate([p[0] for p in self._pending])
-        c = np.concatenate([p[1] for p in self._pending])
-        t = np.concatenate([p[2] for p in self._pending])
-        take = len(f) if final else (len(f) // self.rows) * self.rows
-        start, stop = self.n, self.n + take
-        if stop > self.features.shape[0]:
-            new = max(stop, 2 * self.features.shape[0])
-            self.features.resize((new, self.dim))
-            self.coords.resize((new, 2))
-            self.tissue.resize((new,))
-        self.features[start:stop] = f[:take]
-        self.coords[start:stop] = c[:take]
-        self.tissue[start:stop] = t[:take]
-        self.n = stop
-        self._pending = [(f[take:], c[take:], t[take:])] if take < len(f) else []
-        self._n_pending = len(f) - take
+        self._reap(keep=self.max_pending - 1)
+        if self._io is None:
+            self._io = ThreadPoolExecutor(1, thread_name_prefix="slide-writer")
+        self._writes.append(self._io.submit(lambda: [_write_rows(*job) for job in jobs]))
+
+    def _reap(self, keep: int) -> None:
+        """Wait until at most ``keep`` writes are under way; raise the first failed one's error."""
+        while self._writes and (len(self._writes) > keep or self._writes[0].done()):
+            self._writes.pop(0).result()
 
     def finish(self) -> None:
-        """Flush, trim arrays to the rows written and set ``n_tiles`` and ``complete=true``."""
+        """Write what is pending, trim arrays to the rows written, set ``n_tiles`` and ``complete``."""
         self._flush(final=True)
-        if self.features.shape[0] != self.n:
-            self.features.resize((self.n, self.dim))
-            self.coords.resize((self.n, 2))
-            self.tissue.resize((self.n,))
+        self._reap(keep=0)
+        for array in (self.features, self.coords, self.tissue):
+            if array.shape[0] != self.n:
+                array.resize((self.n, *array.shape[1:]))
         attrs = _jsonable(self.attrs)
         attrs.setdefault("created", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
         attrs["n_tiles"] = self.n
         attrs["feature_dim"] = self.dim
         attrs["complete"] = True
         self.group.attrs.update(attrs)
+
+    def close(self) -> None:
+        """Wait for writes under way (their errors are dropped: use ``finish`` to see them)."""
+        if self._io is not None:
+            self._io.shutdown(wait=True)
+            self._io = None
+        self._writes.clear()
