@@ -188,19 +188,9 @@ def _stain_normalizer(job: ExtractJob):
     return load_normalizer(job.stain.method, job.stain.target)
 
 
-def _patch_reader(slide: Any, grid: TileGrid, job: ExtractJob, normalizer: Any = None) -> Any:
-    """The slide's patch reader: a pooled child process (``job.reader == "process"``, see
-    :mod:`wsi.reader_process`; the CPU stain normaliser runs there too), else reader threads here."""
-    from wsi import reader_process
-    from wsi.reader import PatchReader
-
+def _reader_options(job: ExtractJob) -> dict[str, Any]:
     workers = job.workers or default_reader_workers()
-    kw = {"batch_size": job.batch_size, "workers": workers, "skip_corrupt_tiles": job.skip_corrupt_tiles}
-    if _reads_in_process(job):
-        return reader_process.ProcessPatchReader(
-            slide.path, grid, backend=slide.backend, mpp=job.tiling.slide_mpp, transform=normalizer, **kw
-        )
-    return PatchReader(slide, grid, **kw)
+    return {"batch_size": job.batch_size, "workers": workers, "skip_corrupt_tiles": job.skip_corrupt_tiles}
 
 
 def default_reader_workers() -> int:
@@ -217,7 +207,12 @@ def _reads_in_process(job: ExtractJob) -> bool:
 
 
 class _Producer:
-    """Generates events for all slides: open, claim, tissue, grid, read patches (reader thread)."""
+    """Generates events for all slides: open, claim, tissue, grid, read patches (reader thread).
+
+    With the process reader, each slide's read is queued on one child process (see
+    :mod:`wsi.reader_process`) as soon as its grid is laid, so the child decodes the next slide
+    while the encoder finishes the current one; ``release()`` hands the child back.
+    """
 
     def __init__(self, paths: Sequence[Path], job: ExtractJob, store: FeatureStore, embedder: _Embedder,
                  cpu_normalizer: Any) -> None:
@@ -226,6 +221,28 @@ class _Producer:
         self.store = store
         self.embedder = embedder
         self.normalizer = cpu_normalizer
+        self.process: Any = None  # the child reader process of this run (process reader)
+
+    def _process_reader(self, slide: Any, grid: TileGrid) -> Any:
+        """The slide's read, queued now on this run's child process (the CPU stain normaliser runs
+        there too); batches view shared memory until the next one is asked for."""
+        from wsi import reader_process
+
+        if self.process is None or not self.process.alive:
+            if self.process is not None:
+                reader_process.give_back(self.process)
+            self.process = reader_process.take()
+        return reader_process.ProcessPatchReader(
+            slide.path, grid, backend=slide.backend, mpp=self.job.tiling.slide_mpp, transform=self.normalizer,
+            process=self.process, copy=False, **_reader_options(self.job),
+        ).start()
+
+    def release(self) -> None:
+        if self.process is not None:
+            from wsi import reader_process
+
+            reader_process.give_back(self.process)  # reads still queued on it are cancelled
+            self.process = None
 
     def __iter__(self) -> Iterator[_Event]:
         for path in self.paths:
@@ -281,11 +298,12 @@ class _Producer:
                 if _reads_in_process(job):
                     # batches are pulled by the encoder thread straight from the child process:
                     # no hop through this thread, whose GIL hand-offs would slow the encoder
-                    reader = _patch_reader(slide, grid, job, self.normalizer)
-                    yield _Event("read", work, images=reader)
+                    yield _Event("read", work, images=self._process_reader(slide, grid))
                     yield _Event("end", work)
                     return
-                reader = _patch_reader(slide, grid, job)
+                from wsi.reader import PatchReader
+
+                reader = PatchReader(slide, grid, **_reader_options(job))
                 for batch in reader:
                     if work.error is not None:  # the encoder side gave up on this slide
                         break
@@ -334,6 +352,8 @@ class _Consumer:
             self.pending = [p for p in self.pending if p[0] is not w]
             return self._abort(w, ev.error)
         if w.error is not None:  # slide already failed on the encoder side: drop its events
+            if ev.kind == "read":
+                ev.images.close()  # cancels its queued read
             return None
         try:
             if ev.kind == "start":
@@ -346,8 +366,8 @@ class _Consumer:
             elif ev.kind == "batch":
                 self._encode(w, ev.images, ev.coords, ev.indices)
             elif ev.kind == "read":
-                reader = ev.images
-                for batch in reader:
+                reader = ev.images  # each batch views shared memory until the next is asked for:
+                for batch in reader:  # _encode has copied or consumed it by then
                     self._encode(w, self.embedder.to_tensor(batch.images), np.asarray(batch.coords, np.int64),
                                  np.asarray(batch.indices))
                 if reader.skipped:
@@ -416,18 +436,20 @@ def _run_slides(
                 results[res.path] = res
                 if not (res.status == "skipped" and res.extra.get("busy")):
                     progress.slide_finished(res)
+        # slides another process held: they may be done now, or free again if that process failed
+        busy = [p for p in paths if results.get(str(p)) is not None and results[str(p)].extra.get("busy")]
+        if busy:
+            producer.paths = busy
+            for ev in prefetch(producer, job.prefetch):
+                res = consumer.handle(ev)
+                if res is not None:
+                    results[res.path] = res
+                    progress.slide_finished(res)
     except BaseException as err:
         consumer.close_all(err)
         raise
-    # slides another process held: they may be done now, or free again if that process failed
-    busy = [p for p in paths if results.get(str(p)) is not None and results[str(p)].extra.get("busy")]
-    if busy:
-        producer.paths = busy
-        for ev in prefetch(producer, job.prefetch):
-            res = consumer.handle(ev)
-            if res is not None:
-                results[res.path] = res
-                progress.slide_finished(res)
+    finally:
+        producer.release()
     return [results[str(p)] for p in paths]
 
 

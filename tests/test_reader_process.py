@@ -118,3 +118,61 @@ def test_cut_from_tile_clips_to_tile_and_level_edges():
         cut_from_tile(tile, 0, 0, xs, ys, np.arange(4), 32, 1000, 1000, out[:, :16])
     with pytest.raises(IndexError):
         cut_from_tile(tile, 0, 0, xs, ys, np.array([5]), 32, 1000, 1000, out)
+
+
+def _grid(size: int):
+    with open_slide(CMU) as slide:
+        return make_grid(slide, None, patch_size=size, mpp=slide.mpp, min_tissue=0.0)
+
+
+def test_queued_reads_are_served_in_turn_and_a_cancelled_one_is_dropped():
+    """Reads queue on one child (the next slide decodes while the current one is consumed)."""
+    small, large = _grid(64), _grid(32)
+    with open_slide(CMU) as slide:
+        want_small = read_all(PatchReader(slide, small, batch_size=16))
+        want_large = read_all(PatchReader(slide, large, batch_size=64))
+    rp = ReaderProcess()
+    try:
+        a = rp.start(CMU, small, batch_size=16)
+        dropped = rp.start(CMU, large, batch_size=64)
+        b = rp.start(CMU, large, batch_size=64)
+        dropped.close()  # cancelled while still queued behind a
+        got_a = read_all(a)
+        # b was queued at start: the child goes on to it by itself, before b is iterated
+        assert rp.resp.poll(5.0)
+        got_b = read_all(b)
+        np.testing.assert_array_equal(got_a.images, want_small.images)
+        np.testing.assert_array_equal(got_b.images, want_large.images)
+        np.testing.assert_array_equal(got_b.indices, want_large.indices)
+        assert not rp._live and not rp._inbox  # nothing left over for the next read
+    finally:
+        rp.close()
+
+
+def test_batches_without_copy_view_shared_memory_until_the_next_one():
+    grid = _grid(64)
+    with open_slide(CMU) as slide:
+        want = read_all(PatchReader(slide, grid, batch_size=8))
+    reader = ProcessPatchReader(CMU, grid, batch_size=8, copy=False)
+    seen = 0
+    for batch in reader:
+        assert not batch.images.flags.owndata  # a view of the ring, not a copy
+        np.testing.assert_array_equal(batch.images, want.images[seen : seen + len(batch)])
+        seen += len(batch)
+    assert seen == len(grid)
+
+
+def test_a_read_queued_on_a_child_that_dies_starts_again_on_a_fresh_one():
+    grid = _grid(32)
+    rp = ReaderProcess()
+    try:
+        first = ProcessPatchReader(CMU, grid, batch_size=4, process=rp).start()
+        second = ProcessPatchReader(CMU, grid, batch_size=512, process=rp).start()
+        it = iter(first)
+        next(it)
+        os.kill(rp.proc.pid, signal.SIGKILL)
+        with pytest.raises(ReaderProcessError):
+            list(it)
+        assert len(read_all(second).indices) == len(grid)  # not started when the child died: retried
+    finally:
+        rp.close()

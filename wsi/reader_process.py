@@ -9,15 +9,19 @@ a child Python process instead, as PyTorch's ``DataLoader`` workers do:
 - the child is started with ``subprocess`` (``python -m wsi.reader_process``), not
   ``multiprocessing``, so it never re-imports the caller's ``__main__`` and works inside daemonic
   processes (Dask workers); it exits when its parent goes away (its pipe closes);
-- batches travel through a ring of slots in a memory-mapped temporary file (on ``/dev/shm`` when
-  there is one), unlinked as soon as both sides have it open, so nothing is left behind even if
-  either side is killed; only small messages (coords, indices, errors) are pickled;
+- batches travel through a ring of slots in shared memory: a nameless temporary file (on
+  ``/dev/shm`` when there is one) whose descriptor is passed to the child over a Unix socket, so
+  nothing is ever left behind, whichever side is killed; only small messages (coords, indices,
+  errors) are pickled;
+- reads are queued: :meth:`ReaderProcess.start` sends a request at once and the child serves
+  requests in order, so the next slide is decoded while the current one is still being encoded
+  (messages carry the read's id; those of cancelled reads are dropped);
 - typed errors (``CorruptTileError``, ``SlideOpenError``...) are re-raised in the parent as they
   were raised in the child; a child that dies mid-slide raises :class:`ReaderProcessError` and the
   next read starts a fresh child.
 
-``read_patches(path, grid, ...)`` takes a process from a small pool (one per concurrent reader),
-so a run pays the child's start-up (~1 s of imports) once.
+:class:`ProcessPatchReader` takes a process from a small pool (one per concurrent reader), so a
+run pays the child's start-up (~1 s of imports) once.
 """
 
 from __future__ import annotations
@@ -27,10 +31,12 @@ import contextlib
 import logging
 import mmap
 import os
+import socket
 import subprocess
 import sys
 import tempfile
 import threading
+from collections import deque
 from collections.abc import Iterator
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -46,7 +52,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-SLOTS = 4  # batches in flight between child and parent
+SLOTS = 4  # batches in flight between child and parent, per read
 _POLL_S = 0.5  # how often a waiting side checks that the other is alive
 
 
@@ -59,29 +65,47 @@ def _shm_dir() -> str | None:
 
 
 def available() -> bool:
-    """Process reading works here (POSIX: fd passing to a ``subprocess`` and unlink-while-open)."""
-    return os.name == "posix"
+    """Process reading works here (POSIX: fd passing over Unix sockets)."""
+    return os.name == "posix" and hasattr(socket, "send_fds")
+
+
+def _died(path: Path, code: int | None) -> ReaderProcessError:
+    return ReaderProcessError(
+        path,
+        f"the reader process died while reading (exit code {code})",
+        "check the file (a decoder crash on a damaged tile?); rerun, or read in threads with --reader thread",
+    )
 
 
 class ReaderProcess:
-    """One child process serving one read at a time (see the module docstring)."""
+    """One child process serving queued reads in order (see the module docstring).
+
+    ``start`` may be called from any thread; a read's batches are received by the thread that
+    iterates it (one at a time).
+    """
 
     def __init__(self) -> None:
         req_r, req_w = os.pipe()
         resp_r, resp_w = os.pipe()
+        self._fds, child_fds = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         root = str(Path(__file__).resolve().parent.parent)
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
         env.setdefault("OMP_NUM_THREADS", "1")
+        fds = (req_r, resp_w, child_fds.fileno())
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "wsi.reader_process", str(req_r), str(resp_w)],
-            pass_fds=(req_r, resp_w), env=env, stdin=subprocess.DEVNULL, close_fds=True,
+            [sys.executable, "-m", "wsi.reader_process", *map(str, fds)],
+            pass_fds=fds, env=env, stdin=subprocess.DEVNULL, close_fds=True,
         )
         os.close(req_r)
         os.close(resp_w)
+        child_fds.close()
         self.req = Connection(req_w, readable=False)
         self.resp = Connection(resp_r, writable=False)
         self._next_id = 0
+        self._send_lock = threading.Lock()
+        self._live: set[int] = set()  # reads started and neither finished nor closed
+        self._inbox: dict[int, deque] = {}  # messages received for a read other than the one asked for
 
     @property
     def alive(self) -> bool:
@@ -90,14 +114,21 @@ class ReaderProcess:
     def close(self) -> None:
         if self.alive:
             with contextlib.suppress(OSError):
-                self.req.send(("quit",))
+                self._send(("quit",))
         for conn in (self.req, self.resp):
             conn.close()
+        self._fds.close()
         try:
             self.proc.wait(timeout=5)
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
+
+    def _send(self, msg: tuple, fd: int | None = None) -> None:
+        with self._send_lock:
+            if fd is not None:
+                socket.send_fds(self._fds, [b"r"], [fd])
+            self.req.send(msg)
 
     def _recv(self, path: Path) -> tuple:
         while not self.resp.poll(_POLL_S):
@@ -106,78 +137,118 @@ class ReaderProcess:
         try:
             return self.resp.recv()
         except (EOFError, OSError):
-            code = self.proc.wait()
-            raise ReaderProcessError(
-                path,
-                f"the reader process died while reading (exit code {code})",
-                "check the file (a decoder crash on a damaged tile?); rerun, or read in threads "
-                "with --reader thread",
-            ) from None
+            raise _died(path, self.proc.wait()) from None
 
-    def read(
+    def _next(self, rid: int, path: Path) -> tuple:
+        """The next message of read ``rid``; those of other live reads are kept for them, those of
+        finished or cancelled reads dropped."""
+        kept = self._inbox.get(rid)
+        if kept:
+            return kept.popleft()
+        while True:
+            msg = self._recv(path)
+            if msg[1] == rid:
+                return msg
+            if msg[1] in self._live:
+                self._inbox.setdefault(msg[1], deque()).append(msg)
+
+    def _forget(self, rid: int, *, cancel: bool) -> None:
+        self._live.discard(rid)
+        self._inbox.pop(rid, None)
+        if cancel and self.alive:
+            with contextlib.suppress(OSError):
+                self._send(("cancel", rid))
+
+    def cancel_all(self) -> None:
+        """Cancel every read started and not finished (the child drops them in turn)."""
+        for rid in list(self._live):
+            self._forget(rid, cancel=True)
+
+    def start(
         self, path: str | Path, grid: TileGrid, *, batch_size: int = 64, transform: Any = None,
-        **reader_kw: Any,
-    ) -> Iterator[PatchBatch]:
-        """Yield the grid's :class:`~wsi.reader.PatchBatch` es read by the child; ``transform``
-        (picklable, e.g. a stain normaliser: uint8 batch → uint8 batch) runs in the child;
-        ``reader_kw`` are :class:`~wsi.reader.PatchReader` options. ``skipped`` holds the skipped
-        patches after iteration."""
-        from wsi.reader import PatchBatch
+        copy: bool = True, **reader_kw: Any,
+    ) -> ReadStream:
+        """Queue a read of the grid's patches; the child starts on it as soon as it is free.
 
+        ``transform`` (picklable, e.g. a stain normaliser: uint8 batch → uint8 batch) runs in the
+        child; ``reader_kw`` are :class:`~wsi.reader.PatchReader` options. With ``copy=False`` a
+        batch's images view shared memory and stay valid only until the next batch is asked for.
+        """
         path = Path(path)
-        self._next_id += 1
-        rid = self._next_id
         p = int(grid.patch_size)
         slot_bytes = max(1, batch_size * p * p * 3)
-        fd, ring_path = tempfile.mkstemp(prefix="slidepipe-ring-", dir=_shm_dir())
-        unlinked = False
-        try:
-            os.ftruncate(fd, slot_bytes * SLOTS)
-            ring = mmap.mmap(fd, slot_bytes * SLOTS)
-        finally:
-            os.close(fd)
+        with tempfile.TemporaryFile(dir=_shm_dir()) as f:  # nameless: freed with its last user
+            os.ftruncate(f.fileno(), slot_bytes * SLOTS)
+            ring = mmap.mmap(f.fileno(), slot_bytes * SLOTS)
+            with self._send_lock:
+                self._next_id += 1
+                rid = self._next_id
+            self._live.add(rid)  # before the request: its first message may come at once
+            try:
+                self._send(("read", rid, str(path), grid, batch_size, transform, reader_kw, slot_bytes, SLOTS),
+                           fd=f.fileno())  # fmt: skip
+            except OSError:
+                self._live.discard(rid)
+                ring.close()
+                raise _died(path, self.proc.poll()) from None
+        return ReadStream(self, rid, path, ring, slot_bytes, p, copy)
+
+    def read(self, path: str | Path, grid: TileGrid, **kw: Any) -> Iterator[PatchBatch]:
+        """``start(path, grid, **kw)`` and iterate it (stopping early cancels the read)."""
+        yield from self.start(path, grid, **kw)
+
+
+class ReadStream:
+    """One read queued on a :class:`ReaderProcess`: iterate once for its batches (``skipped`` and
+    ``stats`` are set at the end); ``close()`` cancels it."""
+
+    def __init__(self, rp: ReaderProcess, rid: int, path: Path, ring: mmap.mmap, slot_bytes: int, patch: int,
+                 copy: bool) -> None:  # fmt: skip
+        self.rp, self.rid, self.path = rp, rid, path
+        self._ring, self._slot_bytes, self._patch, self._copy = ring, slot_bytes, patch, copy
         self.skipped: list[tuple[int, str]] = []
         self.stats: dict[str, Any] = {}
-        ended = False
+        self.received = 0  # messages received (0: the child has not started on it)
+        self._done = self._closed = False
+
+    def __iter__(self) -> Iterator[PatchBatch]:
+        from wsi.reader import PatchBatch
+
+        p, rp = self._patch, self.rp
         try:
-            self.req.send(("read", rid, str(path), grid, batch_size, transform, reader_kw, ring_path, slot_bytes,
-                           SLOTS))
-            while True:
-                msg = self._recv(path)
+            while not self._done:
+                msg = rp._next(self.rid, self.path)
+                self.received += 1
                 kind = msg[0]
-                if msg[1] != rid:  # left over from an earlier read that was stopped
-                    continue
-                if not unlinked:  # the child has the ring open (its first message says so)
-                    os.unlink(ring_path)
-                    unlinked = True
                 if kind == "batch":
                     _, _, slot, n, coords, indices = msg
-                    view = np.frombuffer(ring, np.uint8, n * p * p * 3, slot * slot_bytes)
-                    images = view.reshape(n, p, p, 3).copy()
-                    del view
-                    self.req.send(("free", rid, slot))
-                    yield PatchBatch(images, coords, indices)
+                    view = np.frombuffer(self._ring, np.uint8, n * p * p * 3, slot * self._slot_bytes)
+                    images = view.reshape(n, p, p, 3)
+                    if self._copy:
+                        images = images.copy()
+                        del view
+                        rp._send(("free", self.rid, slot))
+                        yield PatchBatch(images, coords, indices)
+                    else:
+                        yield PatchBatch(images, coords, indices)
+                        rp._send(("free", self.rid, slot))  # the caller is done with the batch
                 elif kind == "end":
-                    ended = True
+                    self._done = True
                     self.skipped, self.stats = msg[2], msg[3]
-                    return
                 elif kind == "error":
-                    ended = True
+                    self._done = True
                     raise msg[2]
         finally:
-            if not ended and self.alive:  # stopped early: cancel and wait for the child to finish
-                try:
-                    self.req.send(("cancel", rid))
-                    while True:
-                        msg = self._recv(path)
-                        if msg[1] == rid and msg[0] in ("end", "error"):
-                            break
-                except (ReaderProcessError, OSError):
-                    pass
-            if not unlinked:
-                with contextlib.suppress(OSError):
-                    os.unlink(ring_path)
-            ring.close()
+            self.close()
+
+    def close(self) -> None:
+        """Release the ring; cancel the read if it has not finished."""
+        if self._closed:
+            return
+        self._closed = True
+        self.rp._forget(self.rid, cancel=not self._done)
+        with contextlib.suppress(BufferError):  # a batch still views it: unmapped with that batch
+            self._ring.close()
 
 
 # ------------------------------------------------------------------------------------- pool
@@ -185,7 +256,8 @@ _POOL: list[ReaderProcess] = []
 _POOL_LOCK = threading.Lock()
 
 
-def _take() -> ReaderProcess:
+def take() -> ReaderProcess:
+    """A live child from the pool, or a new one; hand it back with :func:`give_back`."""
     with _POOL_LOCK:
         while _POOL:
             rp = _POOL.pop()
@@ -195,7 +267,9 @@ def _take() -> ReaderProcess:
     return ReaderProcess()
 
 
-def _give_back(rp: ReaderProcess) -> None:
+def give_back(rp: ReaderProcess) -> None:
+    """Return a child to the pool (reads still under way on it are cancelled)."""
+    rp.cancel_all()
     if not rp.alive:
         rp.close()
         return
@@ -216,72 +290,116 @@ atexit.register(shutdown)
 
 class ProcessPatchReader:
     """Like :class:`~wsi.reader.PatchReader` (same options, ``skipped`` after iteration), reading
-    in a pooled child process."""
+    in a child process: ``process`` (shared, e.g. by the slides of one run so reads queue on it),
+    else one from the pool.
+
+    ``start()`` queues the read before iteration (the child decodes ahead meanwhile); ``close()``
+    cancels it. ``copy=False``: each batch's images are valid until the next batch is asked for.
+    If the child dies before this read began (e.g. it crashed on the previous slide), the read is
+    started again once on a fresh child.
+    """
 
     def __init__(
-        self, path: str | Path, grid: TileGrid, *, batch_size: int = 64, transform: Any = None, **reader_kw: Any
+        self, path: str | Path, grid: TileGrid, *, batch_size: int = 64, transform: Any = None,
+        process: ReaderProcess | None = None, copy: bool = True, **reader_kw: Any,
     ) -> None:
         self.path = Path(path)
         self.grid = grid
         self.batch_size = int(batch_size)
         self.transform = transform
+        self.process = process
+        self.copy = copy
         self.reader_kw = reader_kw
         self.skipped: list[tuple[int, str]] = []
         self.stats: dict[str, Any] = {}
+        self._stream: ReadStream | None = None
+        self._owned: ReaderProcess | None = None  # taken from the pool by this reader
 
     def __len__(self) -> int:
         return -(-len(self.grid) // self.batch_size)
 
+    def start(self) -> ProcessPatchReader:
+        """Queue the read now (idempotent)."""
+        if self._stream is None:
+            rp = self.process if self.process is not None and self.process.alive else None
+            if rp is None:
+                rp = self._owned = take()
+            self._stream = rp.start(self.path, self.grid, batch_size=self.batch_size, transform=self.transform,
+                                    copy=self.copy, **self.reader_kw)  # fmt: skip
+        return self
+
     def __iter__(self) -> Iterator[PatchBatch]:
-        rp = _take()
         try:
-            yield from rp.read(
-                self.path, self.grid, batch_size=self.batch_size, transform=self.transform, **self.reader_kw
-            )
-            self.skipped, self.stats = rp.skipped, rp.stats
+            self.start()
+            try:
+                yield from self._stream
+            except ReaderProcessError:
+                if self._stream.received or self._owned is not None:
+                    raise
+                self._stream = None  # died before starting on this read: once more on a fresh child
+                self.process = None
+                self.start()
+                yield from self._stream
+            self.skipped, self.stats = self._stream.skipped, self._stream.stats
         finally:
-            _give_back(rp)
+            self.close()
+
+    def close(self) -> None:
+        """Cancel the read if unfinished; return a pooled child."""
+        if self._stream is not None:
+            self._stream.close()
+        if self._owned is not None:
+            give_back(self._owned)
+            self._owned = None
 
 
 # ------------------------------------------------------------------------------------- child
-def _serve(req: Connection, resp: Connection) -> None:
+def _serve(req: Connection, resp: Connection, fds: socket.socket) -> None:
     from wsi.reader import PatchReader
 
     free: set[int] = set()
     cancelled: set[int] = set()
+    queued: deque[tuple[tuple, int]] = deque()  # (read request, its ring's fd)
     current = [0]  # id of the read being served
 
     def handle(msg: tuple) -> bool:
-        """Book-keep a control message; False on quit."""
-        if msg[0] == "free" and msg[1] == current[0]:  # (frees of a stopped read are stale)
+        """Book-keep a message; False on quit."""
+        kind = msg[0]
+        if kind == "read":
+            _, ring_fds, _, _ = socket.recv_fds(fds, 1, 1)
+            queued.append((msg, ring_fds[0]))
+        elif kind == "free" and msg[1] == current[0]:  # (frees of a stopped read are stale)
             free.add(msg[2])
-        elif msg[0] == "cancel":
+        elif kind == "cancel":
             cancelled.add(msg[1])
-        elif msg[0] == "quit":
+        elif kind == "quit":
             return False
         return True
 
     while True:
-        try:
-            msg = req.recv()
-        except (EOFError, OSError):
-            return  # parent gone
-        if msg[0] != "read":
+        while not queued:
+            try:
+                msg = req.recv()
+            except (EOFError, OSError):
+                return  # parent gone
             if not handle(msg):
                 return
-            continue
-        _, rid, path, grid, batch_size, transform, reader_kw, ring_path, slot_bytes, n_slots = msg
+        msg, ring_fd = queued.popleft()
+        _, rid, path, grid, batch_size, transform, reader_kw, slot_bytes, n_slots = msg
         current[0] = rid
         free.clear()
         free.update(range(n_slots))
-        cancelled.clear()
         ring = None
         try:
-            with open(ring_path, "r+b") as f:
-                ring = mmap.mmap(f.fileno(), slot_bytes * n_slots)
+            ring = mmap.mmap(ring_fd, slot_bytes * n_slots)
+            os.close(ring_fd)
+            ring_fd = -1
+            if rid in cancelled:
+                resp.send(("end", rid, [], {}))
+                continue
             reader = PatchReader(path, grid, batch_size=batch_size, **reader_kw)
             for batch in reader:
-                while req.poll():  # frees and cancels that arrived meanwhile
+                while req.poll():  # frees, cancels and new reads that arrived meanwhile
                     if not handle(req.recv()):
                         return
                 while not free and rid not in cancelled:
@@ -309,17 +427,21 @@ def _serve(req: Connection, resp: Connection) -> None:
         finally:
             if ring is not None:
                 ring.close()
+            if ring_fd >= 0:
+                os.close(ring_fd)
+            cancelled.difference_update([r for r in cancelled if r <= rid])
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Child entry point: ``python -m wsi.reader_process REQUEST_FD RESPONSE_FD``."""
+    """Child entry point: ``python -m wsi.reader_process REQUEST_FD RESPONSE_FD FD_SOCKET``."""
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; we exit on EOF
     args = sys.argv[1:] if argv is None else argv
     req = Connection(int(args[0]), writable=False)
     resp = Connection(int(args[1]), readable=False)
-    _serve(req, resp)
+    fds = socket.socket(fileno=int(args[2]))
+    _serve(req, resp, fds)
 
 
 if __name__ == "__main__":
