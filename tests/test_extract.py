@@ -353,3 +353,21 @@ def test_thread_and_process_readers_write_identical_stores(tmp_path, encoder, ex
         assert len(a) > 0
         np.testing.assert_array_equal(a.coords, b.coords)
         np.testing.assert_array_equal(a.features, b.features)
+
+
+@pytest.mark.slow
+def test_extract_benchmark_smoke_run():
+    """bench/extract.py runs end to end and reports every column it promises."""
+    bench = Path(__file__).resolve().parents[1] / "bench" / "extract.py"
+    out = subprocess.run(
+        [sys.executable, str(bench), "--quick", "--encoders", "tiny-vit", "--rounds", "1", "--threads", "2",
+         "--store-rows", "2000"],
+        capture_output=True, text=True, check=True, timeout=600,
+    ).stdout
+    row = next(line for line in out.splitlines() if line.startswith("tiny-vit"))
+    cells = row.replace("|", " ").split()
+    assert cells[1] == "32px@0.5" and int(cells[2]) > 0 and cells[3] == "2"
+    bare, e2e, ratio = float(cells[4]), float(cells[5]), float(cells[6])
+    assert bare > 0 and e2e > 0 and ratio == pytest.approx(e2e / bare, abs=0.01)
+    assert cells[10] == "1"  # matched: the encoder on one thread, reading on the other core
+    assert "fp16 zarr" in out and "expected, not measured" in out

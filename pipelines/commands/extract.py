@@ -63,7 +63,11 @@ def command(
         typer.Option(help="process: read patches in a child process (default; no GIL contention with the "
                      "encoder); thread: in threads of this process"),
     ] = None,
-    threads: Annotated[int | None, typer.Option(help="torch CPU threads (1 for bit-reproducible CPU runs)")] = None,
+    threads: Annotated[
+        int | None,
+        typer.Option(help="torch CPU threads (default: torch's, all cores; 1 for bit-reproducible CPU runs; with a "
+                     "small encoder on CPU, one below the core count leaves the reader a core)"),
+    ] = None,
     compile: Annotated[bool | None, typer.Option("--compile/--no-compile", help="torch.compile the trunk")] = None,
     overwrite: Annotated[
         bool | None, typer.Option("--overwrite/--no-overwrite", help="replace slides / a store of another identity")
