@@ -130,9 +130,12 @@ class _Embedder:
         self.cuda = self.device.type == "cuda"
 
     def to_tensor(self, images: np.ndarray) -> torch.Tensor:
-        """uint8 batch → tensor, pinned when the encoder is on CUDA (called in the reader thread)."""
+        """uint8 batch → tensor: a copy in pinned memory for CUDA, a plain copy for other
+        accelerators (their copies may run after the reader reuses ``images``), as is on CPU."""
         x = self.torch.from_numpy(np.ascontiguousarray(images))
-        return x.pin_memory() if self.cuda else x
+        if self.cuda:
+            return x.pin_memory()
+        return x if self.device.type == "cpu" else x.clone()
 
     def launch(self, images: torch.Tensor, normalizer: Any = None) -> torch.Tensor:
         torch = self.torch
@@ -222,6 +225,7 @@ class _Producer:
         self.embedder = embedder
         self.normalizer = cpu_normalizer
         self.process: Any = None  # the child reader process of this run (process reader)
+        self.retired: list[Any] = []  # children that died during the run (closed by release())
 
     def _process_reader(self, slide: Any, grid: TileGrid) -> Any:
         """The slide's read, queued now on this run's child process (the CPU stain normaliser runs
@@ -229,20 +233,22 @@ class _Producer:
         from wsi import reader_process
 
         if self.process is None or not self.process.alive:
-            if self.process is not None:
-                reader_process.give_back(self.process)
+            if self.process is not None:  # the encoder thread may still be on its last read
+                self.retired.append(self.process)
             self.process = reader_process.take()
         return reader_process.ProcessPatchReader(
             slide.path, grid, backend=slide.backend, mpp=self.job.tiling.slide_mpp, transform=self.normalizer,
             process=self.process, copy=False, **_reader_options(self.job),
         ).start()
 
-    def release(self) -> None:
-        if self.process is not None:
-            from wsi import reader_process
+    def release(self, *, reuse: bool = True) -> None:
+        """Hand the child back to the pool (reads still queued on it are cancelled); after an
+        interrupted run (``reuse=False``) it is stopped instead, as are children that died."""
+        from wsi import reader_process
 
-            reader_process.give_back(self.process)  # reads still queued on it are cancelled
-            self.process = None
+        for rp in [*self.retired, *([self.process] if self.process is not None else [])]:
+            reader_process.give_back(rp, reuse=reuse and rp is self.process)
+        self.process, self.retired = None, []
 
     def __iter__(self) -> Iterator[_Event]:
         for path in self.paths:
@@ -447,9 +453,9 @@ def _run_slides(
                     progress.slide_finished(res)
     except BaseException as err:
         consumer.close_all(err)
+        producer.release(reuse=False)  # an interrupted read may have left its pipes mid-message
         raise
-    finally:
-        producer.release()
+    producer.release()
     return [results[str(p)] for p in paths]
 
 

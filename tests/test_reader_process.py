@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import signal
+import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -64,15 +66,22 @@ def test_stop_early_then_read_again_and_transform_in_child():
     with open_slide(CMU) as slide:
         grid = make_grid(slide, None, patch_size=64, mpp=slide.mpp, min_tissue=0.0)
         want = read_all(PatchReader(slide, grid, batch_size=8))
+    dirs = [Path(d) for d in ("/dev/shm", tempfile.gettempdir()) if os.path.isdir(d)]
+
+    def entries() -> set[Path]:  # files (a ring with a name would be one)
+        return {p for d in dirs for p in d.iterdir() if p.is_file()}
+
+    before = entries()
     rp = ReaderProcess()
     try:
         it = rp.read(CMU, grid, batch_size=8)
+        assert entries() == before  # the ring has no name, so nothing can be left behind
         first = next(it)
         it.close()  # cancels the read; the child must be ready for the next one
         np.testing.assert_array_equal(first.images, want.images[:8])
         got = list(rp.read(CMU, grid, batch_size=8, transform=norm))
         np.testing.assert_array_equal(np.concatenate([b.images for b in got]), norm.transform(want.images))
-        assert not list(Path(reader_process._shm_dir() or "/tmp").glob("slidepipe-ring-*"))
+        assert entries() == before
     finally:
         rp.close()
     assert not rp.alive
@@ -174,5 +183,48 @@ def test_a_read_queued_on_a_child_that_dies_starts_again_on_a_fresh_one():
         with pytest.raises(ReaderProcessError):
             list(it)
         assert len(read_all(second).indices) == len(grid)  # not started when the child died: retried
+    finally:
+        rp.close()
+
+
+def test_a_large_request_never_waits_on_a_full_reply_pipe():
+    """Queuing a read whose grid pickles to more than a pipe buffer, while the child is blocked
+    sending batches nobody reads yet, must not deadlock (the child drains requests at once)."""
+    import threading
+
+    grid = _grid(32)  # ~6,000 patches: a grid of >64 KB pickled, replies of ~48 KB per batch
+    with open_slide(CMU) as slide:
+        want = read_all(PatchReader(slide, grid, batch_size=2000))
+    rp = ReaderProcess()
+    try:
+        a = rp.start(CMU, grid, batch_size=2000)
+        assert rp.resp.poll(30)  # the first reply is in the pipe ...
+        time.sleep(1.0)  # ... and the child is blocked sending the second
+        started: list = []
+        t = threading.Thread(target=lambda: started.append(rp.start(CMU, grid, batch_size=2000)), daemon=True)
+        t.start()
+        t.join(30)
+        if t.is_alive():  # deadlocked: unblock it so the failure is reported, not a hang
+            os.kill(rp.proc.pid, signal.SIGKILL)
+            t.join(10)
+            pytest.fail("start() blocked behind the child's replies")
+        np.testing.assert_array_equal(read_all(a).images, want.images)
+        np.testing.assert_array_equal(read_all(started[0]).images, want.images)
+    finally:
+        rp.close()
+
+
+def test_an_unpicklable_request_leaves_the_child_in_step():
+    import pickle
+
+    grid = _grid(64)
+    with open_slide(CMU) as slide:
+        want = read_all(PatchReader(slide, grid, batch_size=8))
+    rp = ReaderProcess()
+    try:
+        with pytest.raises((pickle.PicklingError, AttributeError, TypeError)):
+            rp.start(CMU, grid, batch_size=8, transform=lambda x: x)
+        assert rp.alive and not rp._live  # nothing was sent: the next read gets its own ring
+        np.testing.assert_array_equal(read_all(rp.start(CMU, grid, batch_size=8)).images, want.images)
     finally:
         rp.close()

@@ -36,9 +36,11 @@ import subprocess
 import sys
 import tempfile
 import threading
+import weakref
 from collections import deque
 from collections.abc import Iterator
 from multiprocessing.connection import Connection
+from multiprocessing.reduction import ForkingPickler
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -60,8 +62,24 @@ class ReaderProcessError(SlideError):
     """The child reader process died while reading a slide."""
 
 
-def _shm_dir() -> str | None:
-    return "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
+def _ring_file(nbytes: int) -> Any:
+    """A nameless temporary file of ``nbytes`` with its pages reserved: on ``/dev/shm`` when
+    there is room (containers often give it only 64 MB, and a full tmpfs would kill the child
+    with SIGBUS mid-write), else in the temp dir (page cache)."""
+    dirs = ["/dev/shm"] if os.access("/dev/shm", os.W_OK) else []
+    for d in [*dirs, None]:
+        f = tempfile.TemporaryFile(dir=d)  # noqa: SIM115 (returned open: the caller closes it)
+        try:
+            if hasattr(os, "posix_fallocate"):
+                os.posix_fallocate(f.fileno(), 0, nbytes)
+            else:
+                os.ftruncate(f.fileno(), nbytes)
+            return f
+        except OSError:
+            f.close()
+            if d is None:
+                raise
+    raise AssertionError("unreachable")
 
 
 def available() -> bool:
@@ -106,38 +124,60 @@ class ReaderProcess:
         self._send_lock = threading.Lock()
         self._live: set[int] = set()  # reads started and neither finished nor closed
         self._inbox: dict[int, deque] = {}  # messages received for a read other than the one asked for
+        self.broken = False  # interrupted mid-message: never reused
+        _ALL.add(self)
 
     @property
     def alive(self) -> bool:
-        return self.proc.poll() is None
+        """The child runs and its pipes are in step (a usable reader)."""
+        return not self.broken and self.proc.poll() is None
 
     def close(self) -> None:
         if self.alive:
-            with contextlib.suppress(OSError):
+            with contextlib.suppress(OSError, ReaderProcessError):
                 self._send(("quit",))
         for conn in (self.req, self.resp):
             conn.close()
         self._fds.close()
+        if self.broken:
+            self.proc.kill()
         try:
             self.proc.wait(timeout=5)
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
 
-    def _send(self, msg: tuple, fd: int | None = None) -> None:
-        with self._send_lock:
-            if fd is not None:
+    def _io(self, path: Path | None, fn: Any, *args: Any) -> Any:
+        """Run one pipe operation: a dead child is a ``ReaderProcessError``; anything else that
+        interrupts it (Ctrl-C mid-message) leaves the pipes out of step, so the child is retired."""
+        try:
+            return fn(*args)
+        except (EOFError, OSError):
+            self.broken = True
+            raise _died(path or Path("?"), self.proc.poll()) from None
+        except BaseException:
+            self.broken = True
+            raise
+
+    def _send(self, msg: tuple, fd: int | None = None, path: Path | None = None) -> None:
+        data = ForkingPickler.dumps(msg)  # before anything is written: a pickling error leaves nothing half-sent
+
+        def send() -> None:
+            if fd is not None:  # the ring's descriptor, then its request
                 socket.send_fds(self._fds, [b"r"], [fd])
-            self.req.send(msg)
+            self.req.send_bytes(data)
+
+        with self._send_lock:
+            self._io(path, send)
 
     def _recv(self, path: Path) -> tuple:
-        while not self.resp.poll(_POLL_S):
-            if not self.alive:
-                break
-        try:
+        def recv() -> tuple:
+            while not self.resp.poll(_POLL_S):
+                if self.proc.poll() is not None:
+                    break
             return self.resp.recv()
-        except (EOFError, OSError):
-            raise _died(path, self.proc.wait()) from None
+
+        return self._io(path, recv)
 
     def _next(self, rid: int, path: Path) -> tuple:
         """The next message of read ``rid``; those of other live reads are kept for them, those of
@@ -156,7 +196,7 @@ class ReaderProcess:
         self._live.discard(rid)
         self._inbox.pop(rid, None)
         if cancel and self.alive:
-            with contextlib.suppress(OSError):
+            with contextlib.suppress(ReaderProcessError):
                 self._send(("cancel", rid))
 
     def cancel_all(self) -> None:
@@ -175,10 +215,11 @@ class ReaderProcess:
         batch's images view shared memory and stay valid only until the next batch is asked for.
         """
         path = Path(path)
+        if not self.alive:
+            raise _died(path, self.proc.poll())
         p = int(grid.patch_size)
         slot_bytes = max(1, batch_size * p * p * 3)
-        with tempfile.TemporaryFile(dir=_shm_dir()) as f:  # nameless: freed with its last user
-            os.ftruncate(f.fileno(), slot_bytes * SLOTS)
+        with _ring_file(slot_bytes * SLOTS) as f:  # nameless: freed with its last user
             ring = mmap.mmap(f.fileno(), slot_bytes * SLOTS)
             with self._send_lock:
                 self._next_id += 1
@@ -186,11 +227,11 @@ class ReaderProcess:
             self._live.add(rid)  # before the request: its first message may come at once
             try:
                 self._send(("read", rid, str(path), grid, batch_size, transform, reader_kw, slot_bytes, SLOTS),
-                           fd=f.fileno())  # fmt: skip
-            except OSError:
+                           fd=f.fileno(), path=path)  # fmt: skip
+            except BaseException:
                 self._live.discard(rid)
                 ring.close()
-                raise _died(path, self.proc.poll()) from None
+                raise
         return ReadStream(self, rid, path, ring, slot_bytes, p, copy)
 
     def read(self, path: str | Path, grid: TileGrid, **kw: Any) -> Iterator[PatchBatch]:
@@ -227,11 +268,11 @@ class ReadStream:
                     if self._copy:
                         images = images.copy()
                         del view
-                        rp._send(("free", self.rid, slot))
+                        rp._send(("free", self.rid, slot), path=self.path)
                         yield PatchBatch(images, coords, indices)
                     else:
                         yield PatchBatch(images, coords, indices)
-                        rp._send(("free", self.rid, slot))  # the caller is done with the batch
+                        rp._send(("free", self.rid, slot), path=self.path)  # the caller is done with it
                 elif kind == "end":
                     self._done = True
                     self.skipped, self.stats = msg[2], msg[3]
@@ -254,6 +295,7 @@ class ReadStream:
 # ------------------------------------------------------------------------------------- pool
 _POOL: list[ReaderProcess] = []
 _POOL_LOCK = threading.Lock()
+_ALL: weakref.WeakSet[ReaderProcess] = weakref.WeakSet()  # every child started, pooled or not
 
 
 def take() -> ReaderProcess:
@@ -267,10 +309,12 @@ def take() -> ReaderProcess:
     return ReaderProcess()
 
 
-def give_back(rp: ReaderProcess) -> None:
-    """Return a child to the pool (reads still under way on it are cancelled)."""
-    rp.cancel_all()
-    if not rp.alive:
+def give_back(rp: ReaderProcess, *, reuse: bool = True) -> None:
+    """Return a child to the pool (reads still under way on it are cancelled); a dead or broken
+    one, or any with ``reuse=False`` (e.g. after an interrupted run), is stopped instead."""
+    if reuse and rp.alive:
+        rp.cancel_all()
+    if not (reuse and rp.alive):
         rp.close()
         return
     with _POOL_LOCK:
@@ -278,10 +322,10 @@ def give_back(rp: ReaderProcess) -> None:
 
 
 def shutdown() -> None:
-    """Stop the pooled child processes (also at interpreter exit)."""
+    """Stop every child reader process of this process (also at interpreter exit)."""
     with _POOL_LOCK:
-        procs, _POOL[:] = list(_POOL), []
-    for rp in procs:
+        _POOL.clear()
+    for rp in list(_ALL):
         rp.close()
 
 
@@ -355,19 +399,35 @@ class ProcessPatchReader:
 
 # ------------------------------------------------------------------------------------- child
 def _serve(req: Connection, resp: Connection, fds: socket.socket) -> None:
+    import queue
+
     from wsi.reader import PatchReader
 
+    inbox: queue.SimpleQueue[tuple] = queue.SimpleQueue()
+
+    def receive() -> None:
+        """Drain the request pipe at once (a large request never waits on this side's replies)."""
+        try:
+            while True:
+                msg = req.recv()
+                if msg[0] == "read":  # its ring's descriptor was sent just before it
+                    _, ring_fds, _, _ = socket.recv_fds(fds, 1, 1)
+                    msg = (*msg, ring_fds[0])
+                inbox.put(msg)
+        except (EOFError, OSError):
+            inbox.put(("quit",))  # parent gone
+
+    threading.Thread(target=receive, name="requests", daemon=True).start()
     free: set[int] = set()
     cancelled: set[int] = set()
-    queued: deque[tuple[tuple, int]] = deque()  # (read request, its ring's fd)
+    queued: deque[tuple] = deque()  # read requests (with their ring's fd) in arrival order
     current = [0]  # id of the read being served
 
     def handle(msg: tuple) -> bool:
         """Book-keep a message; False on quit."""
         kind = msg[0]
         if kind == "read":
-            _, ring_fds, _, _ = socket.recv_fds(fds, 1, 1)
-            queued.append((msg, ring_fds[0]))
+            queued.append(msg)
         elif kind == "free" and msg[1] == current[0]:  # (frees of a stopped read are stale)
             free.add(msg[2])
         elif kind == "cancel":
@@ -376,16 +436,18 @@ def _serve(req: Connection, resp: Connection, fds: socket.socket) -> None:
             return False
         return True
 
+    def pending() -> Iterator[tuple]:
+        while True:
+            try:
+                yield inbox.get_nowait()
+            except queue.Empty:
+                return
+
     while True:
         while not queued:
-            try:
-                msg = req.recv()
-            except (EOFError, OSError):
-                return  # parent gone
-            if not handle(msg):
+            if not handle(inbox.get()):
                 return
-        msg, ring_fd = queued.popleft()
-        _, rid, path, grid, batch_size, transform, reader_kw, slot_bytes, n_slots = msg
+        _, rid, path, grid, batch_size, transform, reader_kw, slot_bytes, n_slots, ring_fd = queued.popleft()
         current[0] = rid
         free.clear()
         free.update(range(n_slots))
@@ -399,11 +461,11 @@ def _serve(req: Connection, resp: Connection, fds: socket.socket) -> None:
                 continue
             reader = PatchReader(path, grid, batch_size=batch_size, **reader_kw)
             for batch in reader:
-                while req.poll():  # frees, cancels and new reads that arrived meanwhile
-                    if not handle(req.recv()):
+                for msg in pending():  # frees, cancels and new reads that arrived meanwhile
+                    if not handle(msg):
                         return
                 while not free and rid not in cancelled:
-                    if not handle(req.recv()):
+                    if not handle(inbox.get()):
                         return
                 if rid in cancelled:
                     break

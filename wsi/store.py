@@ -604,7 +604,9 @@ class SlideWriter:
                 f"{self.path}: non-finite features (NaN/inf after float16 cast). "
                 "Fix: check the encoder weights and precision"
             )
-        for column, block in zip(self._columns, (f16, coords, tissue), strict=True):
+        if f16 is features:  # the caller's own array: it may reuse it before the write
+            f16 = f16.copy()
+        for column, block in zip(self._columns, (f16, coords.copy(), tissue.copy()), strict=True):
             column.add(block)
         self.n += n
         self._flush(final=False)
@@ -636,6 +638,7 @@ class SlideWriter:
         attrs["feature_dim"] = self.dim
         attrs["complete"] = True
         self.group.attrs.update(attrs)
+        self.close()
 
     def close(self) -> None:
         """Wait for writes under way (their errors are dropped: use ``finish`` to see them)."""
