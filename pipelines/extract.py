@@ -3,8 +3,10 @@
 Resumable and safe to share: each slide is claimed in the store, written aside and moved in by one
 rename (see :mod:`wsi.store`). A background thread opens slides, detects tissue, lays the grid and
 reads (and, on CPU, stain-normalises) patches, running ahead across slide boundaries, so the
-encoder does not idle while the next slide is prepared. The main thread runs the encoder and
-writes. A slide that fails is reported with its reason; the batch goes on.
+encoder does not idle while the next slide is prepared; it also makes each slide's staging arrays.
+The main thread runs the encoder and hands features to the slide's writer; a finished slide is
+committed on a committer thread while the encoder goes on with the next one. A slide that fails is
+reported with its reason; the batch goes on.
 """
 
 from __future__ import annotations
@@ -167,6 +169,7 @@ class _Work:
     writer: SlideWriter | None = None
     n_done: int = 0
     error: BaseException | None = None
+    ended: bool = False  # every batch read: committed once its last batch is fetched
 
     def result(self, status: str, **kw: Any) -> SlideResult:
         return SlideResult(self.slide_id, str(self.path), status, seconds=round(time.perf_counter() - self.t0, 3), **kw)
@@ -296,6 +299,11 @@ class _Producer:
                     "grid": grid.to_attrs(),
                     "written_by": {"host": socket.gethostname(), "pid": os.getpid()},
                 }
+                # the slide's staging arrays are made here, off the encoder's thread
+                work.writer = work.stack.enter_context(
+                    store.writer(work.slide_id, dim=self.embedder.encoder.embed_dim, capacity=len(grid),
+                                 attrs=work.attrs)
+                )
                 started = True
                 yield _Event("start", work)
                 if len(grid) == 0:
@@ -332,16 +340,25 @@ class _Producer:
 
 
 class _Consumer:
-    """Encodes batches and writes them; turns events into SlideResults (main thread)."""
+    """Encodes batches and writes them; turns events into SlideResults (main thread).
+
+    A slide whose last batch is fetched is committed (final chunks, attrs, the rename, its claim
+    released) on a committer thread while the encoder goes on with the next slide; its result
+    comes out of ``results()`` once the commit is done (``finish()`` waits for all).
+    """
 
     def __init__(self, store: FeatureStore, embedder: _Embedder, gpu_normalizer: Any,
                  progress: ExtractProgress) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
         self.store = store
         self.embedder = embedder
         self.normalizer = gpu_normalizer
         self.progress = progress
         self.pending: list[tuple[_Work, np.ndarray, np.ndarray, Any]] = []
         self.open: dict[int, _Work] = {}
+        self.committer = ThreadPoolExecutor(1, thread_name_prefix="slidepipe-commit")
+        self.commits: list[Any] = []  # futures of SlideResults, in commit order
 
     def handle(self, ev: _Event) -> SlideResult | None:
         w = ev.work
@@ -355,6 +372,9 @@ class _Consumer:
         if ev.kind == "fail":
             if w.error is not None:  # already failed on the encoder side: keep that reason
                 return None
+            if w.ended:  # every patch was encoded; the slide is (being) committed
+                log.warning("%s: after its last patch: %s", w.path, ev.error)
+                return None
             self.pending = [p for p in self.pending if p[0] is not w]
             return self._abort(w, ev.error)
         if w.error is not None:  # slide already failed on the encoder side: drop its events
@@ -364,10 +384,6 @@ class _Consumer:
         try:
             if ev.kind == "start":
                 self.open[id(w)] = w
-                w.writer = w.stack.enter_context(
-                    self.store.writer(w.slide_id, dim=self.embedder.encoder.embed_dim,
-                                      capacity=len(w.grid), attrs=w.attrs)
-                )
                 self.progress.slide_started(w.slide_id, len(w.grid))
             elif ev.kind == "batch":
                 self._encode(w, ev.images, ev.coords, ev.indices)
@@ -378,22 +394,51 @@ class _Consumer:
                                  np.asarray(batch.indices))
                 if reader.skipped:
                     w.attrs["skipped_tiles"] = [[int(i), str(r)] for i, r in reader.skipped]
-            elif ev.kind == "end":
-                self._drain()
-                w.writer.attrs.update(w.attrs)  # e.g. skipped_tiles, known only after reading
-                w.stack.close()  # writer commits (one rename), claim released, slide closed
-                self.open.pop(id(w), None)
-                seconds = time.perf_counter() - w.t0
-                log.info("encoded slide %s: %d patches in %.1f s (pid %d)", w.slide_id, w.n_done, seconds, os.getpid())
-                extra = {"patches_per_s": round(w.n_done / seconds, 2) if seconds > 0 else None,
-                         "n_grid": len(w.grid)}
-                if "skipped_tiles" in w.attrs:
-                    extra["skipped_tiles"] = len(w.attrs["skipped_tiles"])
-                return w.result("done", n_patches=w.n_done, extra=extra)
+            elif ev.kind == "end":  # its last batch is fetched when the next slide's first computes
+                w.ended = True
+                self._commit_ended()
         except Exception as err:
             self.pending = [p for p in self.pending if p[0] is not w]
             return self._abort(w, err)
         return None
+
+    def _commit_ended(self) -> None:
+        """Hand slides whose every batch is fetched and written to the committer."""
+        busy = {id(p[0]) for p in self.pending}
+        for key, w in list(self.open.items()):
+            if w.ended and key not in busy:
+                del self.open[key]
+                self.commits.append(self.committer.submit(self._commit, w))
+
+    def _commit(self, w: _Work) -> SlideResult:
+        """Committer thread: the writer commits (one rename), the claim is released, the slide
+        closed. A failure here leaves nothing visible."""
+        try:
+            w.writer.attrs.update(w.attrs)  # e.g. skipped_tiles, known only after reading
+            w.stack.close()
+        except Exception as err:
+            log.warning("%s: failed: %s", w.path, err)
+            return SlideResult.failed(w.slide_id, w.path, err, seconds=round(time.perf_counter() - w.t0, 3))
+        seconds = time.perf_counter() - w.t0
+        log.info("encoded slide %s: %d patches in %.1f s (pid %d)", w.slide_id, w.n_done, seconds, os.getpid())
+        extra = {"patches_per_s": round(w.n_done / seconds, 2) if seconds > 0 else None, "n_grid": len(w.grid)}
+        if "skipped_tiles" in w.attrs:
+            extra["skipped_tiles"] = len(w.attrs["skipped_tiles"])
+        return w.result("done", n_patches=w.n_done, extra=extra)
+
+    def results(self) -> list[SlideResult]:
+        """Results of the commits done so far (in order; stops at the first still running)."""
+        out = []
+        while self.commits and self.commits[0].done():
+            out.append(self.commits.pop(0).result())
+        return out
+
+    def finish(self) -> list[SlideResult]:
+        """Fetch the last batches, commit what is left, wait for every commit; their results."""
+        self._drain()
+        self._commit_ended()
+        self.committer.shutdown(wait=True)
+        return self.results()
 
     def _encode(self, w: _Work, images: Any, coords: np.ndarray, indices: np.ndarray) -> None:
         out = self.embedder.launch(images, self.normalizer)
@@ -412,6 +457,7 @@ class _Consumer:
                 w.n_done += len(coords)
                 self.progress.patches_done(len(coords))
         self.pending = keep
+        self._commit_ended()
 
     def _abort(self, w: _Work, err: BaseException) -> SlideResult:
         w.error = err
@@ -422,6 +468,11 @@ class _Consumer:
         return SlideResult.failed(w.slide_id, w.path, err, seconds=round(time.perf_counter() - w.t0, 3))
 
     def close_all(self, err: BaseException) -> None:
+        """On an interrupted run: slides being committed finish (they are complete), the others
+        are aborted (nothing of them becomes visible)."""
+        self.pending = []
+        with contextlib.suppress(BaseException):  # a second Ctrl-C: the aborts below still run
+            self.committer.shutdown(wait=True)
         for w in list(self.open.values()):
             self._abort(w, err)
 
@@ -435,22 +486,29 @@ def _run_slides(
     producer = _Producer(paths, job, store, embedder, None if on_gpu else normalizer)
     consumer = _Consumer(store, embedder, normalizer if on_gpu else None, progress)
     results: dict[str, SlideResult] = {}
+
+    def report(res: SlideResult | None, *, last_pass: bool = False) -> None:
+        if res is not None:
+            results[res.path] = res
+            if last_pass or not (res.status == "skipped" and res.extra.get("busy")):
+                progress.slide_finished(res)
+
     try:
         for ev in prefetch(producer, job.prefetch):
-            res = consumer.handle(ev)
-            if res is not None:
-                results[res.path] = res
-                if not (res.status == "skipped" and res.extra.get("busy")):
-                    progress.slide_finished(res)
+            for res in [consumer.handle(ev), *consumer.results()]:
+                report(res)
+        for res in consumer.finish():
+            report(res)
         # slides another process held: they may be done now, or free again if that process failed
         busy = [p for p in paths if results.get(str(p)) is not None and results[str(p)].extra.get("busy")]
         if busy:
             producer.paths = busy
+            consumer = _Consumer(store, embedder, normalizer if on_gpu else None, progress)
             for ev in prefetch(producer, job.prefetch):
-                res = consumer.handle(ev)
-                if res is not None:
-                    results[res.path] = res
-                    progress.slide_finished(res)
+                for res in [consumer.handle(ev), *consumer.results()]:
+                    report(res, last_pass=True)
+            for res in consumer.finish():
+                report(res, last_pass=True)
     except BaseException as err:
         consumer.close_all(err)
         producer.release(reuse=False)  # an interrupted read may have left its pipes mid-message

@@ -322,6 +322,53 @@ def test_encoder_failure_mid_slide_fails_that_slide_only(tmp_path, encoder, monk
     assert not list((store.path / ".staging").iterdir()) and not list((store.path / ".claims").iterdir())
 
 
+def test_a_failed_commit_fails_that_slide_alone(tmp_path, encoder, monkeypatch):
+    """Commits run on a thread beside the encoder: one that fails leaves nothing of its slide."""
+    real_commit = FeatureStore._commit
+
+    def commit(self, slide_id, staging):
+        if slide_id == "tcga-cr-7395-01a-01-ts1":
+            raise OSError(28, "No space left on device")
+        return real_commit(self, slide_id, staging)
+
+    monkeypatch.setattr(FeatureStore, "_commit", commit)
+    job = make_job(tmp_path / "f.zarr", [TCGA, TINY])
+    by_id = {r.slide_id: r for r in run_extract(job, encoder=encoder).results}
+    assert by_id["tcga-cr-7395-01a-01-ts1"].status == "failed"
+    assert "No space left" in by_id["tcga-cr-7395-01a-01-ts1"].reason
+    assert by_id["tiny-aperio"].status == "done"
+    store = FeatureStore(job.out, mode="r")
+    assert store.slide_ids() == ["tiny-aperio"]
+    assert not list((store.path / ".staging").iterdir()) and not list((store.path / ".claims").iterdir())
+
+
+def test_a_slide_is_reported_done_only_once_it_is_in_the_store(tmp_path, encoder):
+    out = tmp_path / "f.zarr"
+    seen = []
+
+    class Progress:
+        def slide_started(self, slide_id, n):
+            pass
+
+        def patches_done(self, n):
+            pass
+
+        def slide_finished(self, res):
+            store = FeatureStore(out, mode="r")
+            seen.append((res.slide_id, res.status, store.is_complete(res.slide_id),
+                         (out / ".claims" / f"{res.slide_id}.claim").exists(), res.n_patches,
+                         store.read(res.slide_id).features.shape[0] if store.is_complete(res.slide_id) else None))
+
+    summary = run_extract(make_job(out, [TCGA, TINY, REAL / "kidney-48-5.tif"]), encoder=encoder, progress=Progress())
+    assert [r.status for r in summary.results] == ["done"] * 3
+    # in commit order: a slide without patches may be done before the previous one's last batch
+    assert sorted(s[0] for s in seen) == ["kidney-48-5", "tcga-cr-7395-01a-01-ts1", "tiny-aperio"]
+    for sid, status, complete, claimed, n, stored in seen:
+        assert (status, complete, claimed) == ("done", True, False), sid
+        assert n == stored, sid
+    assert sum(s[4] for s in seen) > 0
+
+
 def test_stain_normalisation_is_applied_and_recorded(tmp_path, encoder, extracted):
     target = SHARED / "thumbnails" / "tcga-lung-rgb.png"
     if not target.exists():
