@@ -14,7 +14,8 @@ For each encoder (random weights, CPU), in one run on the same slides:
           own device. (Not run on a single core.)
   pipe    CPU-µs per patch of reading and tissue detection alone (one thread)
 Bare and e2e alternate for a few rounds and the best of each is compared, so load bursts of a
-shared machine hit both alike ("bare spread" shows how noisy the machine was).
+shared machine hit both alike ("bare spread" shows how noisy the machine was; "steal" the share
+of CPU time a virtual machine's host gave to other guests during the measurements).
 Also: store write MB/s and read-back time for an (N, D) fp16 store, and the H100 throughput the
 encoder's FLOPs imply (FlopCounterMode on one batch; assumed bf16 dense peak and utilisation;
 computed, not measured).
@@ -52,6 +53,23 @@ def machine_info() -> str:
         f"(os: {os.cpu_count()}) | torch threads: {torch.get_num_threads()} | load avg: {load} | "
         f"torch {torch.__version__}"
     )
+
+
+def cpu_ticks() -> tuple[int, int] | None:
+    """(steal, total) CPU ticks of the machine so far (Linux ``/proc/stat``), else None."""
+    try:
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return None
+    return (fields[7] if len(fields) > 7 else 0), sum(fields[:8])
+
+
+def steal_share(before: tuple[int, int] | None) -> float:
+    """Share of CPU time the hypervisor gave to other guests since ``before`` (nan off Linux)."""
+    after = cpu_ticks()
+    if before is None or after is None or after[1] == before[1]:
+        return float("nan")
+    return (after[0] - before[0]) / (after[1] - before[1])
 
 
 def make_slides(tmp: Path, n: int, size: int) -> list[Path]:
@@ -158,6 +176,7 @@ def bench_encoder(
             mask = detect_tissue(slide, target_mpp=job.tiling.tissue_mpp)
             n += len(make_grid(slide, mask, patch_size=size, mpp=mpp, min_tissue=job.tiling.min_tissue))
     patches = real_patches(job, max(n, batch))
+    ticks = cpu_ticks()
     # (torch threads, reader) of each end-to-end variant; bare runs at each thread count
     variants = {"e2e": (full, "process"), "thread": (full, "thread")}
     if matched:
@@ -178,6 +197,7 @@ def bench_encoder(
             e2es[v].append(summary.n_patches / (time.perf_counter() - t0))
             total, failed = summary.n_patches, summary.n_failed
     torch.set_num_threads(full)
+    steal = steal_share(ticks)
     bare = {t: max(v) for t, v in bares.items()}  # best of rounds: the least disturbed run of each
     e2e = {v: max(r) for v, r in e2es.items()}
     cpu = pipeline_cpu_per_patch(job)
@@ -186,7 +206,7 @@ def bench_encoder(
         "encoder": name, "patch": f"{size}px@{mpp}", "patches": total, "failed": failed, "threads": full,
         "bare": bare[full], "spread": (max(bares[full]) - min(bares[full])) / bare[full], "e2e": e2e["e2e"],
         "ratio": e2e["e2e"] / bare[full], "thread_ratio": e2e["thread"] / bare[full],
-        "cpu_us": cpu * 1e6, "gflops": flops / 1e9,
+        "cpu_us": cpu * 1e6, "gflops": flops / 1e9, "steal": steal,
         "h100": H100_BF16_DENSE_TFLOPS * 1e12 * ASSUMED_MFU / flops,
     }  # fmt: skip
     if matched:
@@ -252,7 +272,7 @@ def main() -> None:
         print()
         head = (f"{'encoder':<12} {'patch':>11} {'patches':>8} {'thr':>3} {'bare p/s':>9} {'e2e p/s':>9} "
                 f"{'ratio':>6} {'target':>10} {'thread':>7} | {'matched: thr':>12} {'bare p/s':>9} "
-                f"{'e2e p/s':>9} {'ratio':>6} {'target':>10} | {'pipe us/p':>9} {'spread':>6} {'GFLOP/p':>8} "
+                f"{'e2e p/s':>9} {'ratio':>6} {'target':>10} | {'pipe us/p':>9} {'spread':>6} {'steal':>6} {'GFLOP/p':>8} "
                 f"{'H100 p/s*':>12}")
         print(head)
         print("-" * len(head))
@@ -266,11 +286,13 @@ def main() -> None:
                        f"{verdict(r['m_ratio'])}" if "m_ratio" in r else f"{'(one core)':>12}" + " " * 38)
             print(f"{r['encoder']:<12} {r['patch']:>11} {r['patches']:>8} {r['threads']:>3} {r['bare']:>9.1f} "
                   f"{r['e2e']:>9.1f} {r['ratio']:>6.2f} {verdict(r['ratio'])} {r['thread_ratio']:>7.2f} | "
-                  f"{matched} | {r['cpu_us']:>9.1f} {r['spread']:>6.0%} {r['gflops']:>8.3f} {r['h100']:>12,.0f}")
+                  f"{matched} | {r['cpu_us']:>9.1f} {r['spread']:>6.0%} {r['steal']:>6.0%} {r['gflops']:>8.3f} "
+                  f"{r['h100']:>12,.0f}")
         print("ratio: e2e (patches read in a child process) / bare, both with thr torch threads; thread: e2e with "
               "reader threads in the encoder's process / bare; matched: both with one thread less, reading on the "
               "spare core; pipe us/p: CPU-µs per patch of reading + tissue detection; spread: bare's spread "
-              "over rounds")
+              "over rounds; steal: CPU time the hypervisor gave other guests meanwhile (above a few %, the "
+              "host is overcommitted and ratios are unreliable)")
         print(f"* expected, not measured: FLOPs counted with FlopCounterMode on one batch; "
               f"H100 SXM bf16 dense {H100_BF16_DENSE_TFLOPS:.0f} TFLOPS x {ASSUMED_MFU:.0%} utilisation")
         print()

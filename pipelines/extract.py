@@ -170,6 +170,7 @@ class _Work:
     n_done: int = 0
     error: BaseException | None = None
     ended: bool = False  # every batch read: committed once its last batch is fetched
+    taken: bool = False  # the consumer has its "start" event (from then on it closes ``stack``)
 
     def result(self, status: str, **kw: Any) -> SlideResult:
         return SlideResult(self.slide_id, str(self.path), status, seconds=round(time.perf_counter() - self.t0, 3), **kw)
@@ -229,6 +230,7 @@ class _Producer:
         self.normalizer = cpu_normalizer
         self.process: Any = None  # the child reader process of this run (process reader)
         self.retired: list[Any] = []  # children that died during the run (closed by release())
+        self.handed: list[_Work] = []  # slides whose "start" event was yielded
 
     def _process_reader(self, slide: Any, grid: TileGrid) -> Any:
         """The slide's read, queued now on this run's child process (the CPU stain normaliser runs
@@ -305,6 +307,7 @@ class _Producer:
                                  attrs=work.attrs)
                 )
                 started = True
+                self.handed.append(work)
                 yield _Event("start", work)
                 if len(grid) == 0:
                     yield _Event("end", work)
@@ -359,9 +362,12 @@ class _Consumer:
         self.open: dict[int, _Work] = {}
         self.committer = ThreadPoolExecutor(1, thread_name_prefix="slidepipe-commit")
         self.commits: list[Any] = []  # futures of SlideResults, in commit order
+        self.failed: list[SlideResult] = []  # slides that failed while their batches were fetched
 
     def handle(self, ev: _Event) -> SlideResult | None:
         w = ev.work
+        if ev.kind in ("skip", "busy", "fail"):  # no batch follows soon: finish the slides before
+            self._drain()
         if ev.kind in ("skip", "busy"):
             status = "skipped"
             res = w.result(status, reason=ev.reason, extra={"busy": ev.kind == "busy"})
@@ -383,6 +389,7 @@ class _Consumer:
             return None
         try:
             if ev.kind == "start":
+                w.taken = True
                 self.open[id(w)] = w
                 self.progress.slide_started(w.slide_id, len(w.grid))
             elif ev.kind == "batch":
@@ -390,6 +397,8 @@ class _Consumer:
             elif ev.kind == "read":
                 reader = ev.images  # each batch views shared memory until the next is asked for:
                 for batch in reader:  # _encode has copied or consumed it by then
+                    if w.error is not None:  # one of its batches failed when fetched: stop reading it
+                        break
                     self._encode(w, self.embedder.to_tensor(batch.images), np.asarray(batch.coords, np.int64),
                                  np.asarray(batch.indices))
                 if reader.skipped:
@@ -407,8 +416,8 @@ class _Consumer:
         busy = {id(p[0]) for p in self.pending}
         for key, w in list(self.open.items()):
             if w.ended and key not in busy:
-                del self.open[key]
                 self.commits.append(self.committer.submit(self._commit, w))
+                del self.open[key]
 
     def _commit(self, w: _Work) -> SlideResult:
         """Committer thread: the writer commits (one rename), the claim is released, the slide
@@ -427,8 +436,9 @@ class _Consumer:
         return w.result("done", n_patches=w.n_done, extra=extra)
 
     def results(self) -> list[SlideResult]:
-        """Results of the commits done so far (in order; stops at the first still running)."""
-        out = []
+        """Slides failed since last asked, then the commits done so far (in order; stops at the
+        first still running)."""
+        out, self.failed = self.failed, []
         while self.commits and self.commits[0].done():
             out.append(self.commits.pop(0).result())
         return out
@@ -445,18 +455,20 @@ class _Consumer:
         self._drain()  # fetch the previous batch while this one computes
         self.pending.append((w, coords, w.grid.tissue[indices], out))
 
-    def _drain(self, only: _Work | None = None) -> None:
-        keep = []
-        for w, coords, tissue, out in self.pending:
-            if only is not None and w is not only:
-                keep.append((w, coords, tissue, out))
+    def _drain(self) -> None:
+        """Fetch and write every launched batch; an error fails that batch's slide alone."""
+        pending, self.pending = self.pending, []
+        for w, coords, tissue, out in pending:
+            if w.error is not None:
                 continue
-            if w.error is None:
+            try:
                 feats = self.embedder.fetch(out)
                 w.writer.append(feats, coords, tissue)
-                w.n_done += len(coords)
-                self.progress.patches_done(len(coords))
-        self.pending = keep
+            except Exception as err:
+                self.failed.append(self._abort(w, err))
+                continue
+            w.n_done += len(coords)
+            self.progress.patches_done(len(coords))
         self._commit_ended()
 
     def _abort(self, w: _Work, err: BaseException) -> SlideResult:
@@ -486,6 +498,7 @@ def _run_slides(
     producer = _Producer(paths, job, store, embedder, None if on_gpu else normalizer)
     consumer = _Consumer(store, embedder, normalizer if on_gpu else None, progress)
     results: dict[str, SlideResult] = {}
+    events: Any = None
 
     def report(res: SlideResult | None, *, last_pass: bool = False) -> None:
         if res is not None:
@@ -494,7 +507,8 @@ def _run_slides(
                 progress.slide_finished(res)
 
     try:
-        for ev in prefetch(producer, job.prefetch):
+        events = prefetch(producer, job.prefetch)
+        for ev in events:
             for res in [consumer.handle(ev), *consumer.results()]:
                 report(res)
         for res in consumer.finish():
@@ -504,13 +518,20 @@ def _run_slides(
         if busy:
             producer.paths = busy
             consumer = _Consumer(store, embedder, normalizer if on_gpu else None, progress)
-            for ev in prefetch(producer, job.prefetch):
+            events = prefetch(producer, job.prefetch)
+            for ev in events:
                 for res in [consumer.handle(ev), *consumer.results()]:
                     report(res, last_pass=True)
             for res in consumer.finish():
                 report(res, last_pass=True)
     except BaseException as err:
+        if events is not None:
+            events.close()  # the producer thread stops; events it queued are dropped
         consumer.close_all(err)
+        for w in producer.handed:  # started slides whose "start" the consumer never saw
+            if not w.taken:
+                with contextlib.suppress(Exception):
+                    w.stack.__exit__(type(err), err, err.__traceback__)  # staging removed, claim released
         producer.release(reuse=False)  # an interrupted read may have left its pipes mid-message
         raise
     producer.release()

@@ -342,6 +342,68 @@ def test_a_failed_commit_fails_that_slide_alone(tmp_path, encoder, monkeypatch):
     assert not list((store.path / ".staging").iterdir()) and not list((store.path / ".claims").iterdir())
 
 
+CMU = REAL / "cmu-1-small-region.svs"
+
+
+def _fail_last_append_of(monkeypatch, slide_id, exc):
+    """SlideWriter.append raises ``exc`` for the last (partial) batch of ``slide_id``."""
+    from wsi.store import SlideWriter
+
+    real_append = SlideWriter.append
+
+    def append(self, features, coords, tissue=None):
+        if self.attrs.get("slide_id") == slide_id and len(coords) < 16:
+            raise exc
+        return real_append(self, features, coords, tissue)
+
+    monkeypatch.setattr(SlideWriter, "append", append)
+
+
+def test_a_failure_on_a_slides_last_batch_fails_that_slide_not_the_next(tmp_path, encoder, monkeypatch):
+    """A slide's last batch is fetched while the next slide's first computes: its error is its own."""
+    _fail_last_append_of(monkeypatch, "cmu-1-small-region", OSError(5, "Input/output error"))
+    job = make_job(tmp_path / "f.zarr", [CMU, TCGA])
+    by_id = {r.slide_id: r for r in run_extract(job, encoder=encoder).results}
+    assert by_id["cmu-1-small-region"].status == "failed"
+    assert "Input/output error" in by_id["cmu-1-small-region"].reason
+    assert by_id["tcga-cr-7395-01a-01-ts1"].status == "done" and by_id["tcga-cr-7395-01a-01-ts1"].n_patches > 0
+    store = FeatureStore(job.out, mode="r")
+    assert store.slide_ids() == ["tcga-cr-7395-01a-01-ts1"]
+    assert not list((store.path / ".staging").iterdir()) and not list((store.path / ".claims").iterdir())
+
+
+def test_extract_slide_reports_a_failed_last_batch_instead_of_raising(tmp_path, encoder, monkeypatch):
+    _fail_last_append_of(monkeypatch, "tcga-cr-7395-01a-01-ts1", OSError(28, "No space left on device"))
+    job = make_job(tmp_path / "f.zarr", [TCGA])
+    res = extract_slide(TCGA, job, encoder=encoder)
+    assert res.status == "failed" and "No space left" in res.reason
+    assert FeatureStore(job.out, mode="r").slide_ids() == []
+
+
+def test_an_interrupted_run_leaves_no_claim_or_staging_of_slides_queued_ahead(tmp_path, encoder, monkeypatch):
+    """Ctrl-C while the reader thread has the next slides opened, claimed and staged ahead."""
+    from pipelines import extract as ex
+
+    real_launch = ex._Embedder.launch
+    calls = {"n": 0}
+
+    def launch(self, images, normalizer=None):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            time.sleep(1.0)  # the reader thread runs ahead: next slides claimed, their "start" queued
+            raise KeyboardInterrupt
+        return real_launch(self, images, normalizer)
+
+    monkeypatch.setattr(ex._Embedder, "launch", launch)
+    job = make_job(tmp_path / "f.zarr", [CMU, TCGA, TINY, REAL / "kidney-48-5.tif"])
+    with pytest.raises(KeyboardInterrupt):
+        run_extract(job, encoder=encoder)
+    store = FeatureStore(job.out, mode="r")
+    assert not list((store.path / ".claims").iterdir())
+    assert not list((store.path / ".staging").iterdir())
+    assert "cmu-1-small-region" not in store.slide_ids()
+
+
 def test_a_slide_is_reported_done_only_once_it_is_in_the_store(tmp_path, encoder):
     out = tmp_path / "f.zarr"
     seen = []
