@@ -307,6 +307,7 @@ class _Producer:
                                  attrs=work.attrs)
                 )
                 started = True
+                self.handed = [h for h in self.handed if not h.taken]  # only this thread writes it
                 self.handed.append(work)
                 yield _Event("start", work)
                 if len(grid) == 0:
@@ -366,6 +367,8 @@ class _Consumer:
 
     def handle(self, ev: _Event) -> SlideResult | None:
         w = ev.work
+        if ev.kind == "fail" and not w.ended:  # its own launched batches are not worth fetching
+            self.pending = [p for p in self.pending if p[0] is not w]
         if ev.kind in ("skip", "busy", "fail"):  # no batch follows soon: finish the slides before
             self._drain()
         if ev.kind in ("skip", "busy"):
@@ -389,8 +392,8 @@ class _Consumer:
             return None
         try:
             if ev.kind == "start":
-                w.taken = True
                 self.open[id(w)] = w
+                w.taken = True
                 self.progress.slide_started(w.slide_id, len(w.grid))
             elif ev.kind == "batch":
                 self._encode(w, ev.images, ev.coords, ev.indices)
@@ -408,6 +411,8 @@ class _Consumer:
                 self._commit_ended()
         except Exception as err:
             self.pending = [p for p in self.pending if p[0] is not w]
+            if w.error is not None:  # already failed (a batch of it, when fetched): keep that reason
+                return None
             return self._abort(w, err)
         return None
 
@@ -526,7 +531,8 @@ def _run_slides(
                 report(res, last_pass=True)
     except BaseException as err:
         if events is not None:
-            events.close()  # the producer thread stops; events it queued are dropped
+            with contextlib.suppress(BaseException):  # a second Ctrl-C: the cleanup below still runs
+                events.close()  # the producer thread stops; events it queued are dropped
         consumer.close_all(err)
         for w in producer.handed:  # started slides whose "start" the consumer never saw
             if not w.taken:
