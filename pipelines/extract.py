@@ -384,8 +384,7 @@ class _Consumer:
             if w.ended:  # every patch was encoded; the slide is (being) committed
                 log.warning("%s: after its last patch: %s", w.path, ev.error)
                 return None
-            self.pending = [p for p in self.pending if p[0] is not w]
-            return self._abort(w, ev.error)
+            return self._abort(w, ev.error)  # its launched batches were dropped above
         if w.error is not None:  # slide already failed on the encoder side: drop its events
             if ev.kind == "read":
                 ev.images.close()  # cancels its queued read
@@ -430,9 +429,8 @@ class _Consumer:
         try:
             w.writer.attrs.update(w.attrs)  # e.g. skipped_tiles, known only after reading
             w.stack.close()
-        except Exception as err:
-            log.warning("%s: failed: %s", w.path, err)
-            return SlideResult.failed(w.slide_id, w.path, err, seconds=round(time.perf_counter() - w.t0, 3))
+        except Exception as err:  # the stack has unwound: staging removed, claim released
+            return self._failed(w, err)
         seconds = time.perf_counter() - w.t0
         log.info("encoded slide %s: %d patches in %.1f s (pid %d)", w.slide_id, w.n_done, seconds, os.getpid())
         extra = {"patches_per_s": round(w.n_done / seconds, 2) if seconds > 0 else None, "n_grid": len(w.grid)}
@@ -450,8 +448,7 @@ class _Consumer:
 
     def finish(self) -> list[SlideResult]:
         """Fetch the last batches, commit what is left, wait for every commit; their results."""
-        self._drain()
-        self._commit_ended()
+        self._drain()  # which hands the slides it completes to the committer
         self.committer.shutdown(wait=True)
         return self.results()
 
@@ -481,6 +478,10 @@ class _Consumer:
         self.open.pop(id(w), None)
         with contextlib.suppress(Exception):
             w.stack.__exit__(type(err), err, err.__traceback__)  # staging removed, claim released
+        return self._failed(w, err)
+
+    @staticmethod
+    def _failed(w: _Work, err: BaseException) -> SlideResult:
         log.warning("%s: failed: %s", w.path, err)
         return SlideResult.failed(w.slide_id, w.path, err, seconds=round(time.perf_counter() - w.t0, 3))
 
@@ -505,30 +506,29 @@ def _run_slides(
     results: dict[str, SlideResult] = {}
     events: Any = None
 
-    def report(res: SlideResult | None, *, last_pass: bool = False) -> None:
+    def report(res: SlideResult | None, *, last_pass: bool) -> None:
         if res is not None:
             results[res.path] = res
             if last_pass or not (res.status == "skipped" and res.extra.get("busy")):
                 progress.slide_finished(res)
 
-    try:
+    def run_pass(consumer: _Consumer, *, last_pass: bool) -> None:
+        nonlocal events
         events = prefetch(producer, job.prefetch)
         for ev in events:
             for res in [consumer.handle(ev), *consumer.results()]:
-                report(res)
+                report(res, last_pass=last_pass)
         for res in consumer.finish():
-            report(res)
+            report(res, last_pass=last_pass)
+
+    try:
+        run_pass(consumer, last_pass=False)
         # slides another process held: they may be done now, or free again if that process failed
         busy = [p for p in paths if results.get(str(p)) is not None and results[str(p)].extra.get("busy")]
         if busy:
             producer.paths = busy
             consumer = _Consumer(store, embedder, normalizer if on_gpu else None, progress)
-            events = prefetch(producer, job.prefetch)
-            for ev in events:
-                for res in [consumer.handle(ev), *consumer.results()]:
-                    report(res, last_pass=True)
-            for res in consumer.finish():
-                report(res, last_pass=True)
+            run_pass(consumer, last_pass=True)
     except BaseException as err:
         if events is not None:
             with contextlib.suppress(BaseException):  # a second Ctrl-C: the cleanup below still runs
