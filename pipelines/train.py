@@ -1,12 +1,11 @@
 """Cross-validated MIL training on a feature store: ``train_mil(store, labels, ...) -> Results``.
 
 Bags are loaded from the store once, kept in memory as float16 and batched with padding and
-masks (length-bucketed, prepared by a background thread). A batch above the token budget
-(``max_batch_tokens``: padded instances per pass; by default the head's own, e.g. TransMIL's, and
-on CPU at most a cache-sized pass)
-runs as several forward/backward passes whose gradients add up to the whole batch's, with one
-optimizer step per batch. Features are standardised with
-statistics of the training part of each fold only. Training uses a class-balanced loss (or a
+masks (length-bucketed; on GPU prepared ahead by a background thread, on CPU just in time in one
+reused buffer). A batch above the token budget (``max_batch_tokens``: padded instances per pass;
+by default the head's own, e.g. TransMIL's, and on CPU at most a cache-sized pass) runs as several
+forward/backward passes whose gradients add up to the whole batch's, with one optimizer step per
+batch. Features are standardised with statistics of the training part of each fold only. Training uses a class-balanced loss (or a
 balanced sampler), AdamW with a cosine schedule and early stopping on a validation part split
 off each training fold; the reported checkpoint is fixed by ``CHECKPOINT_RULE``. On CPU a run is
 repeatable bit-for-bit for a given seed; on CUDA it uses mixed precision.
@@ -23,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import queue
 import threading
 import time
@@ -278,6 +278,24 @@ def batch_token_budget(
     return cpu if head is None else min(head, cpu)
 
 
+class PassBuffer:
+    """Float32 memory reused by one forward/backward pass after another (CPU training).
+
+    A fresh tensor's pages are each faulted in on first write; on a virtual machine that cost an
+    ABMIL epoch ~1.3 s of 20 (6 %) in collating alone. A view taken from here is valid until the
+    next ``take``.
+    """
+
+    def __init__(self) -> None:
+        self._flat = torch.empty(0, dtype=torch.float32)
+
+    def take(self, *shape: int) -> torch.Tensor:
+        size = math.prod(shape)
+        if self._flat.numel() < size:
+            self._flat = torch.empty(size, dtype=torch.float32)
+        return self._flat[:size].view(shape)
+
+
 def collate(
     bags: Sequence[torch.Tensor],
     mean: torch.Tensor | None,
@@ -285,10 +303,12 @@ def collate(
     *,
     max_instances: int | None = None,
     generator: torch.Generator | None = None,
+    out: PassBuffer | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Pad float16 bags into a standardised float32 batch ``(B, N, D)`` and mask ``(B, N)``.
 
     Bags longer than ``max_instances`` are subsampled (random subset, original order kept).
+    With ``out`` the batch is written into that buffer's memory.
     """
     if max_instances is not None:
         bags = [
@@ -298,15 +318,15 @@ def collate(
             for b in bags
         ]
     n_max = max(1, max(len(b) for b in bags))
-    x = torch.empty(len(bags), n_max, bags[0].shape[1], dtype=torch.float32)
+    shape = (len(bags), n_max, bags[0].shape[1])
+    x = torch.empty(shape, dtype=torch.float32) if out is None else out.take(*shape)
     mask = torch.zeros(len(bags), n_max, dtype=torch.bool)
     scale = None if std is None else 1.0 / std
     for i, b in enumerate(bags):
         n = len(b)
-        if mean is not None and scale is not None:  # two passes over the real rows only
-            torch.sub(b, mean, out=x[i, :n]).mul_(scale)
-        else:
-            x[i, :n] = b
+        x[i, :n].copy_(b)  # float16 -> float32, then in place: 3x faster than a mixed-type sub
+        if mean is not None and scale is not None:
+            x[i, :n].sub_(mean).mul_(scale)
         x[i, n:] = 0.0
         mask[i, :n] = True
     return x, mask
@@ -317,14 +337,17 @@ class Prefetch:
 
     The thread starts at construction, so batches are prepared while the caller is still busy
     (e.g. the next epoch's first batches during validation). ``close()`` stops it early.
+    ``background=False`` computes each item when it is asked for, on the caller's thread.
     """
 
-    def __init__(self, make: Callable[[int], Any], n: int, depth: int = 2) -> None:
+    def __init__(self, make: Callable[[int], Any], n: int, depth: int = 2, *, background: bool = True) -> None:
         self.n, self._i = n, 0
+        self._make = None if background else make
         self._q: queue.Queue = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
-        self._t = threading.Thread(target=self._work, args=(make,), name="mil-batches", daemon=True)
-        self._t.start()
+        if background:
+            self._t = threading.Thread(target=self._work, args=(make,), name="mil-batches", daemon=True)
+            self._t.start()
 
     def _work(self, make: Callable[[int], Any]) -> None:
         try:
@@ -342,6 +365,9 @@ class Prefetch:
         if self._i >= self.n:
             self.close()
             raise StopIteration
+        if self._make is not None:
+            self._i += 1
+            return self._make(self._i - 1)
         ok, item = self._q.get()
         self._i += 1
         if not ok:
@@ -351,6 +377,8 @@ class Prefetch:
 
     def close(self) -> None:
         self._stop.set()
+        if self._make is not None:
+            return
         while self._t.is_alive():
             with contextlib.suppress(queue.Empty):
                 self._q.get(timeout=0.05)
@@ -521,6 +549,13 @@ def _train_fold(bags, split, cohort, labels, n_classes, job, run_dir, heldout, d
     if progress:
         progress({"kind": "fold_start", "repeat": split.repeat, "fold": split.fold, "epochs": job.epochs})
 
+    # On CPU, each pass is made just before it runs, on this thread (~0.4 ms per 4,000 x 768 bag),
+    # into one reused buffer. A thread making batches ahead would run torch ops in a second OpenMP
+    # team, and with more OpenMP threads than cores the compute team's barriers slow down: TransMIL
+    # epochs took 15-25 % longer with such a thread alive, even while it was idle.
+    inline = device.type == "cpu"
+    buffer = PassBuffer() if inline else None
+
     def epoch_batches() -> Prefetch:
         if job.balance == "sampler":
             p = weights[ytrain]
@@ -531,15 +566,20 @@ def _train_fold(bags, split, cohort, labels, n_classes, job, run_dir, heldout, d
                                                                  generator=g_batches)]  # fmt: skip
 
         def make(k: int, batches=batches):
+            """Batch ``k``: its passes (each ``(x, mask)``, or on CPU a function making them when
+            the pass runs) with their positions in the batch, and the batch's labels."""
             idx = batches[k]
             passes = []
             for pos in token_chunks([lengths[i] if cap is None else min(lengths[i], cap) for i in idx], budget):
-                x, mask = collate([train_bags[idx[p]] for p in pos], mean, std,
-                                  max_instances=cap, generator=g_sub)  # fmt: skip
-                passes.append((x, mask, torch.tensor(pos)))
+                group = [train_bags[idx[p]] for p in pos]
+
+                def prepare(group=group):
+                    return collate(group, mean, std, max_instances=cap, generator=g_sub, out=buffer)
+
+                passes.append((prepare if inline else prepare(), torch.tensor(pos)))
             return passes, ytrain[idx]
 
-        return Prefetch(make, len(batches))
+        return Prefetch(make, len(batches), background=not inline)
 
     it = epoch_batches()
     for epoch in range(job.epochs):
@@ -560,8 +600,12 @@ def _train_fold(bags, split, cohort, labels, n_classes, job, run_dir, heldout, d
             # the accumulated gradient is the whole batch's
             denom = None if len(passes) == 1 else (loss_weights[y].sum() if loss_weights is not None else len(y))
             batch_loss = 0.0
-            for x, mask, pos in passes:
-                x, mask = x.to(device, non_blocking=True), mask.to(device)
+            for data, pos in passes:
+                if callable(data):  # made now, into the buffer the previous pass is done with
+                    tw = time.perf_counter()
+                    data = data()
+                    wait += time.perf_counter() - tw
+                x, mask = data[0].to(device, non_blocking=True), data[1].to(device)
                 yp = y if denom is None else y[pos.to(device)]
                 with _autocast(device):
                     out = model(x, mask, labels=yp)
@@ -577,7 +621,7 @@ def _train_fold(bags, split, cohort, labels, n_classes, job, run_dir, heldout, d
                 else:
                     loss.backward()
                 batch_loss += float(loss.detach())
-                del out, loss  # free this pass's graph before the next one is built
+                del out, loss, data, x  # free this pass's graph (and buffer view) before the next one is built
             if scaler is not None:
                 scaler.step(opt)
                 scaler.update()
@@ -836,6 +880,6 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
 __all__ = [
     "CHECKPOINT_RULE", "Cohort", "FoldResult", "LabelTableError", "Results", "SplitError",
     "CPU_PASS_BYTES", "TensorBoardUnavailableError", "UnknownSlidesError", "batch_token_budget", "build_cohort", "collate",
-    "length_batches", "load_checkpoint", "predict", "Prefetch", "read_label_table", "standardization_stats",
+    "length_batches", "load_checkpoint", "PassBuffer", "predict", "Prefetch", "read_label_table", "standardization_stats",
     "token_chunks", "train_fold", "train_mil",
 ]  # fmt: skip

@@ -141,6 +141,7 @@ def test_queued_reads_are_served_in_turn_and_a_cancelled_one_is_dropped():
         want_small = read_all(PatchReader(slide, small, batch_size=16))
         want_large = read_all(PatchReader(slide, large, batch_size=64))
     rp = ReaderProcess()
+    fds = len(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else None
     try:
         a = rp.start(CMU, small, batch_size=16)
         dropped = rp.start(CMU, large, batch_size=64)
@@ -154,6 +155,8 @@ def test_queued_reads_are_served_in_turn_and_a_cancelled_one_is_dropped():
         np.testing.assert_array_equal(got_b.images, want_large.images)
         np.testing.assert_array_equal(got_b.indices, want_large.indices)
         assert not rp._live and not rp._inbox  # nothing left over for the next read
+        if fds is not None:  # every read's ring and pipe are closed with it
+            assert len(os.listdir("/proc/self/fd")) == fds
     finally:
         rp.close()
 
@@ -164,11 +167,14 @@ def test_batches_without_copy_view_shared_memory_until_the_next_one():
         want = read_all(PatchReader(slide, grid, batch_size=8))
     reader = ProcessPatchReader(CMU, grid, batch_size=8, copy=False)
     seen = 0
-    for batch in reader:
+    for k, batch in enumerate(reader):
         assert not batch.images.flags.owndata  # a view of the ring, not a copy
+        if k < 2 * reader_process.SLOTS:  # a slow consumer: the child fills every other slot meanwhile
+            time.sleep(0.05)
         np.testing.assert_array_equal(batch.images, want.images[seen : seen + len(batch)])
+        np.testing.assert_array_equal(batch.coords, want.coords[seen : seen + len(batch)])
         seen += len(batch)
-    assert seen == len(grid)
+    assert seen == len(grid) > 2 * reader_process.SLOTS * 8
 
 
 def test_a_read_queued_on_a_child_that_dies_starts_again_on_a_fresh_one():

@@ -20,6 +20,8 @@ from pipelines.splits import SplitError, Splits, make_splits
 from pipelines.train import (
     CHECKPOINT_RULE,
     LabelTableError,
+    PassBuffer,
+    Prefetch,
     TensorBoardUnavailableError,
     UnknownSlidesError,
     batch_token_budget,
@@ -197,6 +199,13 @@ def test_collate_pads_standardises_and_masks():
     xs, ms = collate(big, None, None, max_instances=5, generator=torch.Generator().manual_seed(0))
     assert xs.shape == (1, 5, 1) and ms.all()
     assert torch.all(xs[0, 1:, 0] > xs[0, :-1, 0])  # subsample keeps instance order
+    # into a reused buffer: the same batch, in the same memory pass after pass (stale rows zeroed)
+    buf = PassBuffer()
+    first, _ = collate([torch.full((9, 2), 7.0, dtype=torch.float16)], mean, std, out=buf)
+    xb, mb = collate(bags, mean, std, out=buf)
+    assert xb.data_ptr() == first.data_ptr()
+    torch.testing.assert_close(xb, x, rtol=0, atol=0)
+    assert torch.equal(mb, mask)
 
 
 def test_token_chunks_keep_passes_within_budget():
@@ -217,6 +226,30 @@ def test_token_chunks_keep_passes_within_budget():
     assert batch_token_budget(TrainJob(model="transmil"), device="cpu", in_dim=768) == 4096
     assert batch_token_budget(TrainJob(model="transmil"), device="cpu", in_dim=2560) == (16 << 20) // (4 * 2560)
     assert batch_token_budget(TrainJob(model="abmil", max_batch_tokens=None), device="cpu", in_dim=768) is None
+
+
+@pytest.mark.parametrize("background", [True, False])
+def test_prefetch_keeps_order_threads_and_errors(background):
+    import threading
+
+    made = []
+
+    def make(i):
+        made.append(threading.get_ident())
+        if i == 3:
+            raise KeyError("bag 3")
+        return i * i
+
+    it = Prefetch(make, 5, background=background)
+    assert [next(it) for _ in range(3)] == [0, 1, 4]
+    with pytest.raises(KeyError, match="bag 3"):
+        next(it)
+    # inline (CPU training): every item is made on the caller's thread, only when asked for
+    assert (set(made) == {threading.get_ident()}) is not background
+    assert len(made) == 4
+    stopped = Prefetch(lambda i: i, 100, background=background)
+    assert next(stopped) == 0
+    stopped.close()  # stops early, returns at once
 
 
 @pytest.mark.parametrize("name", ["abmil", "clam-sb"])

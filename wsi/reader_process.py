@@ -11,8 +11,9 @@ a child Python process instead, as PyTorch's ``DataLoader`` workers do:
   processes (Dask workers); it exits when its parent goes away (its pipe closes);
 - batches travel through a ring of slots in shared memory: a nameless temporary file (on
   ``/dev/shm`` when there is one) whose descriptor is passed to the child over a Unix socket, so
-  nothing is ever left behind, whichever side is killed; only small messages (coords, indices,
-  errors) are pickled;
+  nothing is ever left behind, whichever side is killed. Images, coords and indices stay in the
+  ring; per batch the child sends one tiny pickled message (read id, slot, count) and the parent
+  hands the slot back with one byte on a pipe of its own (no pickling, no lock);
 - reads are queued: :meth:`ReaderProcess.start` sends a request at once and the child serves
   requests in order, so the next slide is decoded while the current one is still being encoded
   (messages carry the read's id; those of cancelled reads are dropped);
@@ -159,12 +160,12 @@ class ReaderProcess:
             self.broken = True
             raise
 
-    def _send(self, msg: tuple, fd: int | None = None, path: Path | None = None) -> None:
+    def _send(self, msg: tuple, fds: list[int] | None = None, path: Path | None = None) -> None:
         data = ForkingPickler.dumps(msg)  # before anything is written: a pickling error leaves nothing half-sent
 
         def send() -> None:
-            if fd is not None:  # the ring's descriptor, then its request
-                socket.send_fds(self._fds, [b"r"], [fd])
+            if fds:  # the ring's and the free pipe's descriptors, then their request
+                socket.send_fds(self._fds, [b"r"], fds)
             self.req.send_bytes(data)
 
         with self._send_lock:
@@ -219,60 +220,93 @@ class ReaderProcess:
             raise _died(path, self.proc.poll())
         p = int(grid.patch_size)
         slot_bytes = max(1, batch_size * p * p * 3)
-        with _ring_file(slot_bytes * SLOTS) as f:  # nameless: freed with its last user
-            ring = mmap.mmap(f.fileno(), slot_bytes * SLOTS)
-            with self._send_lock:
-                self._next_id += 1
-                rid = self._next_id
-            self._live.add(rid)  # before the request: its first message may come at once
-            try:
-                self._send(("read", rid, str(path), grid, batch_size, transform, reader_kw, slot_bytes, SLOTS),
-                           fd=f.fileno(), path=path)  # fmt: skip
-            except BaseException:
-                self._live.discard(rid)
-                ring.close()
-                raise
-        return ReadStream(self, rid, path, ring, slot_bytes, p, copy)
+        layout = _Layout(batch_size, slot_bytes, SLOTS)
+        free_r, free_w = os.pipe()  # the parent hands slots back: one byte each
+        try:
+            with _ring_file(layout.nbytes) as f:  # nameless: freed with its last user
+                ring = mmap.mmap(f.fileno(), layout.nbytes)
+                with self._send_lock:
+                    self._next_id += 1
+                    rid = self._next_id
+                self._live.add(rid)  # before the request: its first message may come at once
+                try:
+                    self._send(("read", rid, str(path), grid, batch_size, transform, reader_kw, slot_bytes, SLOTS),
+                               fds=[f.fileno(), free_r], path=path)  # fmt: skip
+                except BaseException:
+                    self._live.discard(rid)
+                    ring.close()
+                    raise
+        except BaseException:
+            os.close(free_w)
+            raise
+        finally:
+            os.close(free_r)
+        return ReadStream(self, rid, path, ring, layout, p, copy, free_w)
 
     def read(self, path: str | Path, grid: TileGrid, **kw: Any) -> Iterator[PatchBatch]:
         """``start(path, grid, **kw)`` and iterate it (stopping early cancels the read)."""
         yield from self.start(path, grid, **kw)
 
 
+class _Layout:
+    """Where a read's ring keeps each slot's images, coords ``(batch, 2)`` and indices ``(batch,)``
+    (int64): all images first, then all coords, then all indices."""
+
+    def __init__(self, batch_size: int, slot_bytes: int, slots: int) -> None:
+        self.batch, self.slot_bytes, self.slots = batch_size, slot_bytes, slots
+        self.coords_at = slot_bytes * slots
+        self.indices_at = self.coords_at + slots * batch_size * 16
+        self.nbytes = self.indices_at + slots * batch_size * 8
+
+    def views(self, ring: mmap.mmap) -> tuple[np.ndarray, np.ndarray]:
+        """(coords ``(slots, batch, 2)``, indices ``(slots, batch)``) viewing the ring."""
+        s, b = self.slots, self.batch
+        coords = np.frombuffer(ring, np.int64, s * b * 2, self.coords_at).reshape(s, b, 2)
+        return coords, np.frombuffer(ring, np.int64, s * b, self.indices_at).reshape(s, b)
+
+
 class ReadStream:
     """One read queued on a :class:`ReaderProcess`: iterate once for its batches (``skipped`` and
     ``stats`` are set at the end); ``close()`` cancels it."""
 
-    def __init__(self, rp: ReaderProcess, rid: int, path: Path, ring: mmap.mmap, slot_bytes: int, patch: int,
-                 copy: bool) -> None:  # fmt: skip
+    def __init__(self, rp: ReaderProcess, rid: int, path: Path, ring: mmap.mmap, layout: _Layout, patch: int,
+                 copy: bool, free_w: int) -> None:  # fmt: skip
         self.rp, self.rid, self.path = rp, rid, path
-        self._ring, self._slot_bytes, self._patch, self._copy = ring, slot_bytes, patch, copy
+        self._ring, self._layout, self._patch, self._copy = ring, layout, patch, copy
+        self._free_w = free_w  # one byte per slot handed back; closed with the stream
         self.skipped: list[tuple[int, str]] = []
         self.stats: dict[str, Any] = {}
         self.received = 0  # messages received (0: the child has not started on it)
         self._done = self._closed = False
 
+    def _hand_back(self) -> None:
+        """The slot just received may be overwritten (a closed stream has nothing to hand back)."""
+        with contextlib.suppress(OSError):  # the child stopped reading: the read is over anyway
+            os.write(self._free_w, b"\0")
+
     def __iter__(self) -> Iterator[PatchBatch]:
         from wsi.reader import PatchBatch
 
-        p, rp = self._patch, self.rp
+        p, rp, layout = self._patch, self.rp, self._layout
+        all_coords, all_indices = layout.views(self._ring)
         try:
             while not self._done:
                 msg = rp._next(self.rid, self.path)
                 self.received += 1
                 kind = msg[0]
                 if kind == "batch":
-                    _, _, slot, n, coords, indices = msg
-                    view = np.frombuffer(self._ring, np.uint8, n * p * p * 3, slot * self._slot_bytes)
+                    _, _, slot, n = msg
+                    coords, indices = all_coords[slot, :n].copy(), all_indices[slot, :n].copy()
+                    view = np.frombuffer(self._ring, np.uint8, n * p * p * 3, slot * layout.slot_bytes)
                     images = view.reshape(n, p, p, 3)
                     if self._copy:
                         images = images.copy()
                         del view
-                        rp._send(("free", self.rid, slot), path=self.path)
+                        self._hand_back()
                         yield PatchBatch(images, coords, indices)
                     else:
                         yield PatchBatch(images, coords, indices)
-                        rp._send(("free", self.rid, slot), path=self.path)  # the caller is done with it
+                        self._hand_back()  # the caller is done with it
                 elif kind == "end":
                     self._done = True
                     self.skipped, self.stats = msg[2], msg[3]
@@ -280,6 +314,7 @@ class ReadStream:
                     self._done = True
                     raise msg[2]
         finally:
+            del all_coords, all_indices  # so that close() can unmap the ring
             self.close()
 
     def close(self) -> None:
@@ -288,6 +323,7 @@ class ReadStream:
             return
         self._closed = True
         self.rp._forget(self.rid, cancel=not self._done)
+        os.close(self._free_w)  # a child waiting for a slot of this read sees the end of the pipe
         with contextlib.suppress(BufferError):  # a batch still views it: unmapped with that batch
             self._ring.close()
 
@@ -400,6 +436,7 @@ class ProcessPatchReader:
 # ------------------------------------------------------------------------------------- child
 def _serve(req: Connection, resp: Connection, fds: socket.socket) -> None:
     import queue
+    import select
 
     from wsi.reader import PatchReader
 
@@ -410,26 +447,22 @@ def _serve(req: Connection, resp: Connection, fds: socket.socket) -> None:
         try:
             while True:
                 msg = req.recv()
-                if msg[0] == "read":  # its ring's descriptor was sent just before it
-                    _, ring_fds, _, _ = socket.recv_fds(fds, 1, 1)
-                    msg = (*msg, ring_fds[0])
+                if msg[0] == "read":  # its ring's and free pipe's descriptors were sent just before it
+                    _, read_fds, _, _ = socket.recv_fds(fds, 1, 2)
+                    msg = (*msg, *read_fds)
                 inbox.put(msg)
         except (EOFError, OSError):
             inbox.put(("quit",))  # parent gone
 
     threading.Thread(target=receive, name="requests", daemon=True).start()
-    free: set[int] = set()
     cancelled: set[int] = set()
-    queued: deque[tuple] = deque()  # read requests (with their ring's fd) in arrival order
-    current = [0]  # id of the read being served
+    queued: deque[tuple] = deque()  # read requests (with their ring's and free pipe's fds) in arrival order
 
     def handle(msg: tuple) -> bool:
         """Book-keep a message; False on quit."""
         kind = msg[0]
         if kind == "read":
             queued.append(msg)
-        elif kind == "free" and msg[1] == current[0]:  # (frees of a stopped read are stale)
-            free.add(msg[2])
         elif kind == "cancel":
             cancelled.add(msg[1])
         elif kind == "quit":
@@ -447,35 +480,43 @@ def _serve(req: Connection, resp: Connection, fds: socket.socket) -> None:
         while not queued:
             if not handle(inbox.get()):
                 return
-        _, rid, path, grid, batch_size, transform, reader_kw, slot_bytes, n_slots, ring_fd = queued.popleft()
-        current[0] = rid
-        free.clear()
-        free.update(range(n_slots))
-        ring = None
+        _, rid, path, grid, batch_size, transform, reader_kw, slot_bytes, n_slots, ring_fd, free_fd = queued.popleft()
+        layout = _Layout(batch_size, slot_bytes, n_slots)
+        ring = coords = indices = None
         try:
-            ring = mmap.mmap(ring_fd, slot_bytes * n_slots)
+            ring = mmap.mmap(ring_fd, layout.nbytes)
             os.close(ring_fd)
             ring_fd = -1
+            coords, indices = layout.views(ring)
             if rid in cancelled:
                 resp.send(("end", rid, [], {}))
                 continue
             reader = PatchReader(path, grid, batch_size=batch_size, **reader_kw)
+            free, seq = n_slots, 0  # slots are filled in turn; the parent hands each back in turn
             for batch in reader:
-                for msg in pending():  # frees, cancels and new reads that arrived meanwhile
+                for msg in pending():  # cancels and new reads that arrived meanwhile
                     if not handle(msg):
                         return
                 while not free and rid not in cancelled:
-                    if not handle(inbox.get()):
-                        return
+                    if select.select([free_fd], [], [], _POLL_S)[0]:
+                        got = os.read(free_fd, n_slots)
+                        if not got:  # the parent closed the read
+                            cancelled.add(rid)
+                        free += len(got)
+                    for msg in pending():
+                        if not handle(msg):
+                            return
                 if rid in cancelled:
                     break
-                slot = free.pop()
-                n = len(batch)
+                slot, n = seq % n_slots, len(batch)
                 images = batch.images if transform is None else transform.transform(batch.images)
                 dst = np.frombuffer(ring, np.uint8, images.size, slot * slot_bytes)
                 dst[:] = images.reshape(-1)
                 del dst
-                resp.send(("batch", rid, slot, n, batch.coords, batch.indices))
+                coords[slot, :n] = batch.coords
+                indices[slot, :n] = batch.indices
+                free, seq = free - 1, seq + 1
+                resp.send(("batch", rid, slot, n))
             resp.send(("end", rid, list(reader.skipped), dict(reader.stats)))
         except (EOFError, BrokenPipeError):
             return  # parent gone
@@ -487,10 +528,12 @@ def _serve(req: Connection, resp: Connection, fds: socket.socket) -> None:
             except Exception:  # unpicklable: keep type name and message
                 resp.send(("error", rid, SlideError(path, f"{type(err).__name__}: {err}")))
         finally:
+            del coords, indices
             if ring is not None:
                 ring.close()
             if ring_fd >= 0:
                 os.close(ring_fd)
+            os.close(free_fd)
             cancelled.difference_update([r for r in cancelled if r <= rid])
 
 
