@@ -234,3 +234,24 @@ def test_an_unpicklable_request_leaves_the_child_in_step():
         np.testing.assert_array_equal(read_all(rp.start(CMU, grid, batch_size=8)).images, want.images)
     finally:
         rp.close()
+
+
+def test_a_stream_closed_mid_iteration_writes_nowhere(tmp_path):
+    """Closed while its consumer holds a batch (e.g. the slide failed): the slot is never handed
+    back through the closed descriptor, whose number the next open file may already have."""
+    rp = ReaderProcess()
+    try:
+        stream = rp.start(CMU, _grid(64), batch_size=8, copy=False)
+        it = iter(stream)
+        next(it)
+        stream.close()
+        with open(tmp_path / "other", "wb") as other:  # likely reuses the pipe's descriptor number
+            with pytest.raises((StopIteration, ReaderProcessError)):
+                while True:
+                    next(it)
+            other.flush()
+        assert (tmp_path / "other").stat().st_size == 0
+        got = read_all(rp.start(CMU, _grid(64), batch_size=8))  # the child is still in step
+        assert len(got.indices) == len(_grid(64))
+    finally:
+        rp.close()

@@ -280,7 +280,10 @@ class ReadStream:
         self._done = self._closed = False
 
     def _hand_back(self) -> None:
-        """The slot just received may be overwritten (a closed stream has nothing to hand back)."""
+        """The slot just received may be overwritten (a closed stream has nothing to hand back:
+        its descriptor's number may already belong to another file)."""
+        if self._free_w < 0:
+            return
         with contextlib.suppress(OSError):  # the child stopped reading: the read is over anyway
             os.write(self._free_w, b"\0")
 
@@ -323,7 +326,8 @@ class ReadStream:
             return
         self._closed = True
         self.rp._forget(self.rid, cancel=not self._done)
-        os.close(self._free_w)  # a child waiting for a slot of this read sees the end of the pipe
+        fd, self._free_w = self._free_w, -1
+        os.close(fd)  # a child waiting for a slot of this read sees the end of the pipe
         with contextlib.suppress(BufferError):  # a batch still views it: unmapped with that batch
             self._ring.close()
 
