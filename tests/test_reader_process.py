@@ -244,12 +244,16 @@ def test_a_stream_closed_mid_iteration_writes_nowhere(tmp_path):
         stream = rp.start(CMU, _grid(64), batch_size=8, copy=False)
         it = iter(stream)
         next(it)
+        number = stream._free_w
         stream.close()
-        with open(tmp_path / "other", "wb") as other:  # likely reuses the pipe's descriptor number
-            with pytest.raises((StopIteration, ReaderProcessError)):
-                while True:
-                    next(it)
-            other.flush()
+        with open(tmp_path / "other", "wb") as other:
+            os.dup2(other.fileno(), number)  # the closed descriptor's number now names another file
+            try:
+                with pytest.raises((StopIteration, ReaderProcessError)):
+                    while True:
+                        next(it)
+            finally:
+                os.close(number)
         assert (tmp_path / "other").stat().st_size == 0
         got = read_all(rp.start(CMU, _grid(64), batch_size=8))  # the child is still in step
         assert len(got.indices) == len(_grid(64))
