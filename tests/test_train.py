@@ -228,8 +228,7 @@ def test_token_chunks_keep_passes_within_budget():
     assert batch_token_budget(TrainJob(model="abmil", max_batch_tokens=None), device="cpu", in_dim=768) is None
 
 
-@pytest.mark.parametrize("background", [True, False])
-def test_prefetch_keeps_order_threads_and_errors(background):
+def test_prefetch_keeps_order_threads_and_errors():
     import threading
 
     made = []
@@ -240,16 +239,34 @@ def test_prefetch_keeps_order_threads_and_errors(background):
             raise KeyError("bag 3")
         return i * i
 
-    it = Prefetch(make, 5, background=background)
+    it = Prefetch(make, 5)
     assert [next(it) for _ in range(3)] == [0, 1, 4]
     with pytest.raises(KeyError, match="bag 3"):
         next(it)
-    # inline (CPU training): every item is made on the caller's thread, only when asked for
-    assert (set(made) == {threading.get_ident()}) is not background
+    assert threading.get_ident() not in made  # made by the background thread
     assert len(made) == 4
-    stopped = Prefetch(lambda i: i, 100, background=background)
+    stopped = Prefetch(lambda i: i, 100)
     assert next(stopped) == 0
     stopped.close()  # stops early, returns at once
+
+
+def test_cpu_training_collates_on_its_own_thread_only(tmp_path, witness, monkeypatch):
+    """On CPU no other thread runs torch ops (a second OpenMP team slows the compute)."""
+    import threading
+
+    import pipelines.train as train_module
+
+    threads = []
+    real = train_module.collate
+
+    def recording(*args, **kwargs):
+        threads.append(threading.get_ident())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "collate", recording)
+    store, labels = witness
+    train_mil(store, labels, model="abmil", out=tmp_path / "run", **{**FAST, "epochs": 2, "folds": 2})
+    assert threads and set(threads) == {threading.get_ident()}
 
 
 @pytest.mark.parametrize("name", ["abmil", "clam-sb"])
