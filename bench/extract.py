@@ -13,6 +13,8 @@ For each encoder (random weights, CPU), in one run on the same slides:
           patch) cannot reach 0.9 there whatever the pipeline does; on a GPU the encoder has its
           own device. (Not run on a single core.)
   pipe    CPU-µs per patch of reading and tissue detection alone (one thread)
+  bound   the best ratio any pipeline can reach when reading shares the encoder's cores:
+          enc / (enc + pipe), enc = CPU-µs per patch of the bare forward (all its threads, measured)
 Bare and e2e alternate for a few rounds and the best of each is compared, so load bursts of a
 shared machine hit both alike ("bare spread" shows how noisy the machine was; "steal" the share
 of CPU time a virtual machine's host gave to other guests during the measurements).
@@ -114,13 +116,14 @@ def real_patches(job, n: int) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(arr))
 
 
-def bare_rate(encoder, patches: torch.Tensor, batch: int) -> float:
+def bare_rate(encoder, patches: torch.Tensor, batch: int) -> tuple[float, float]:
+    """(patches/s, CPU seconds per patch over all threads) of the forward on pre-loaded patches."""
     with torch.inference_mode():
         encoder(encoder.preprocess(patches[:batch]))  # warm-up
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         for i in range(0, len(patches), batch):
             encoder(encoder.preprocess(patches[i : i + batch]))
-        return len(patches) / (time.perf_counter() - t0)
+        return len(patches) / (time.perf_counter() - t0), (time.process_time() - c0) / len(patches)
 
 
 def flops_per_patch(encoder, patches: torch.Tensor, batch: int) -> float:
@@ -181,7 +184,7 @@ def bench_encoder(
     variants = {"e2e": (full, "process"), "thread": (full, "thread")}
     if matched:
         variants["matched"] = (matched, "process")
-    bares: dict[int, list[float]] = {t: [] for t, _ in variants.values()}
+    bares: dict[int, list[tuple[float, float]]] = {t: [] for t, _ in variants.values()}
     e2es: dict[str, list[float]] = {v: [] for v in variants}
     total = failed = 0
     for _ in range(rounds):  # alternate, so load bursts of a shared machine hit all alike
@@ -198,15 +201,17 @@ def bench_encoder(
             total, failed = summary.n_patches, summary.n_failed
     torch.set_num_threads(full)
     steal = steal_share(ticks)
-    bare = {t: max(v) for t, v in bares.items()}  # best of rounds: the least disturbed run of each
+    best = {t: max(v) for t, v in bares.items()}  # best of rounds: the least disturbed run of each
+    bare = {t: b[0] for t, b in best.items()}
+    rates = [r for r, _ in bares[full]]
     e2e = {v: max(r) for v, r in e2es.items()}
     cpu = pipeline_cpu_per_patch(job)
     flops = flops_per_patch(enc, patches, batch)
     out = {
         "encoder": name, "patch": f"{size}px@{mpp}", "patches": total, "failed": failed, "threads": full,
-        "bare": bare[full], "spread": (max(bares[full]) - min(bares[full])) / bare[full], "e2e": e2e["e2e"],
+        "bare": bare[full], "spread": (max(rates) - min(rates)) / bare[full], "e2e": e2e["e2e"],
         "ratio": e2e["e2e"] / bare[full], "thread_ratio": e2e["thread"] / bare[full],
-        "cpu_us": cpu * 1e6, "gflops": flops / 1e9, "steal": steal,
+        "cpu_us": cpu * 1e6, "bound": best[full][1] / (best[full][1] + cpu), "gflops": flops / 1e9, "steal": steal,
         "h100": H100_BF16_DENSE_TFLOPS * 1e12 * ASSUMED_MFU / flops,
     }  # fmt: skip
     if matched:
@@ -272,7 +277,7 @@ def main() -> None:
         print()
         head = (f"{'encoder':<12} {'patch':>11} {'patches':>8} {'thr':>3} {'bare p/s':>9} {'e2e p/s':>9} "
                 f"{'ratio':>6} {'target':>10} {'thread':>7} | {'matched: thr':>12} {'bare p/s':>9} "
-                f"{'e2e p/s':>9} {'ratio':>6} {'target':>10} | {'pipe us/p':>9} {'spread':>6} {'steal':>6} {'GFLOP/p':>8} "
+                f"{'e2e p/s':>9} {'ratio':>6} {'target':>10} | {'pipe us/p':>9} {'bound':>5} {'spread':>6} {'steal':>6} {'GFLOP/p':>8} "
                 f"{'H100 p/s*':>12}")
         print(head)
         print("-" * len(head))
@@ -286,11 +291,12 @@ def main() -> None:
                        f"{verdict(r['m_ratio'])}" if "m_ratio" in r else f"{'(one core)':>12}" + " " * 38)
             print(f"{r['encoder']:<12} {r['patch']:>11} {r['patches']:>8} {r['threads']:>3} {r['bare']:>9.1f} "
                   f"{r['e2e']:>9.1f} {r['ratio']:>6.2f} {verdict(r['ratio'])} {r['thread_ratio']:>7.2f} | "
-                  f"{matched} | {r['cpu_us']:>9.1f} {r['spread']:>6.0%} {r['steal']:>6.0%} {r['gflops']:>8.3f} "
+                  f"{matched} | {r['cpu_us']:>9.1f} {r['bound']:>5.2f} {r['spread']:>6.0%} {r['steal']:>6.0%} {r['gflops']:>8.3f} "
                   f"{r['h100']:>12,.0f}")
         print("ratio: e2e (patches read in a child process) / bare, both with thr torch threads; thread: e2e with "
               "reader threads in the encoder's process / bare; matched: both with one thread less, reading on the "
-              "spare core; pipe us/p: CPU-µs per patch of reading + tissue detection; spread: bare's spread "
+              "spare core; pipe us/p: CPU-µs per patch of reading + tissue detection; bound: the best ratio "
+              "possible when reading shares the cores, bare's CPU / (bare's CPU + pipe); spread: bare's spread "
               "over rounds; steal: CPU time the hypervisor gave other guests meanwhile (above a few %, the "
               "host is overcommitted and ratios are unreliable)")
         print(f"* expected, not measured: FLOPs counted with FlopCounterMode on one batch; "
