@@ -27,7 +27,13 @@ MPP_AT_10X = 1.0  # µm/px at 10x: magnification = 10 / mpp (reported as is, nev
 
 
 def coords_attrs(slide: SlideFeatures) -> dict[str, Any]:
-    """The attrs of the ``coords`` dataset, in CLAM and TRIDENT naming."""
+    """The attrs of the ``coords`` dataset, in CLAM and TRIDENT naming.
+
+    ``patch_size`` is the side at ``target_mpp`` (TRIDENT's meaning, as in ``slidepipe tile``);
+    ``patch_size_read`` is the side read at ``patch_level``. They differ only when the read level
+    needs a resize (``needs_resize``): CLAM-style readers then read ``patch_size_read`` px at
+    ``patch_level`` (or ``patch_size_level0`` px at level 0).
+    """
     a = slide.attrs
     grid = a.get("grid", {})
     dims = [int(v) for v in grid.get("slide_dimensions", [0, 0])]
@@ -43,6 +49,8 @@ def coords_attrs(slide: SlideFeatures) -> dict[str, Any]:
         "level_dim": np.array(level_dims, dtype=np.int64),
         "downsampled_level_dim": np.array(level_dims, dtype=np.int64),
         "patch_size_level0": int(grid.get("patch_size_level0", 0)),
+        "patch_size_read": int(grid.get("patch_size_read", grid.get("patch_size", 0))),
+        "needs_resize": bool(grid.get("needs_resize", False)),
         "stride_level0": int(grid.get("stride_level0", 0)),
         "overlap": int(grid.get("overlap", 0)),
         "level0_width": dims[0],

@@ -121,6 +121,21 @@ def test_rerun_skips_complete_slides(extracted, encoder):
     assert again.results[3].n_patches == len(store.read(REAL_IDS[3]))
 
 
+def test_export_h5_names_the_read_size_when_patches_are_resized():
+    """0.25 µm/px slide, 0.5 µm/px patches read at level 0: 512 px read, resized to 256."""
+    from pipelines.export import coords_attrs
+    from wsi.store import SlideFeatures
+
+    grid = {"patch_size": 256, "patch_size_read": 512, "needs_resize": True, "read_level": 0,
+            "patch_size_level0": 512, "read_downsample": 1.0, "slide_dimensions": [4000, 3000],
+            "slide_mpp": 0.25, "target_mpp": 0.5, "effective_mpp": 0.5}
+    slide = SlideFeatures("s", np.zeros((0, 4), np.float16), np.zeros((0, 2), np.int64),
+                          np.zeros(0, np.float32), {"grid": grid, "slide_mpp": 0.25})
+    a = coords_attrs(slide)
+    assert (a["patch_size"], a["patch_size_read"], a["patch_level"], a["needs_resize"]) == (256, 512, 0, True)
+    assert a["patch_size_level0"] == 512 and a["level0_magnification"] == 40.0
+
+
 def test_export_h5_matches_store(extracted, tmp_path):
     job, _ = extracted
     summary = export_h5(job.out, tmp_path / "h5")
@@ -132,7 +147,8 @@ def test_export_h5_matches_store(extracted, tmp_path):
         np.testing.assert_array_equal(f["features"][:], tcga.features.astype(np.float32))
         np.testing.assert_array_equal(f["coords"][:], tcga.coords)
         a = f["coords"].attrs
-        assert a["patch_size"] == 224 and a["patch_level"] == tcga.attrs["read_level"]
+        assert a["patch_size"] == a["patch_size_read"] == 224 and not a["needs_resize"]
+        assert a["patch_level"] == tcga.attrs["read_level"] == 1
         assert a["patch_size_level0"] == tcga.attrs["grid"]["patch_size_level0"] == 448
         ds = tcga.attrs["grid"]["read_downsample"]
         assert list(a["downsample"]) == [ds, ds] and list(a["level_dim"]) == [2221, 1783]  # level 1
@@ -337,10 +353,10 @@ def test_a_failed_commit_fails_that_slide_alone(tmp_path, encoder, monkeypatch):
     """Commits run on a thread beside the encoder: one that fails leaves nothing of its slide."""
     real_commit = FeatureStore._commit
 
-    def commit(self, slide_id, staging):
+    def commit(self, slide_id, staging, held):
         if slide_id == "tcga-cr-7395-01a-01-ts1":
             raise OSError(28, "No space left on device")
-        return real_commit(self, slide_id, staging)
+        return real_commit(self, slide_id, staging, held)
 
     monkeypatch.setattr(FeatureStore, "_commit", commit)
     job = make_job(tmp_path / "f.zarr", [TCGA, TINY])

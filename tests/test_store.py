@@ -228,6 +228,46 @@ def test_other_host_claim_expires_without_heartbeat(tmp_path):
         assert store.claim_info("s")["host"] == socket.gethostname()
 
 
+def test_same_hostname_other_pid_namespace_is_judged_by_heartbeat(tmp_path):
+    """A container sharing this hostname has its own pids: a pid that is dead here is not proof."""
+    store = FeatureStore(tmp_path / "f.zarr", claim_ttl=5)
+    dead = _dead_pid()
+    _write_claim(store, "s", host=socket.gethostname(), pid=dead, pid_ns=1, time=time.time())
+    with pytest.raises(SlideClaimedError, match=str(dead)), store.claim("s"):
+        pass
+    path = store.path / ".claims" / "s.claim"
+    old = time.time() - 60
+    os.utime(path, (old, old))
+    with store.claim("s"):
+        assert store.claim_info("s")["pid"] == os.getpid()
+
+
+def test_a_writer_whose_claim_was_taken_over_commits_nothing(tmp_path):
+    """Paused past the TTL, a writer's claim is recovered by another process: the first writer's
+    slide must not be published over (or beside) the new owner's work."""
+    store = FeatureStore(tmp_path / "f.zarr")
+    feats, coords, tissue = _arrays(10, 4)
+    taken = r"'s' was not committed: its claim .* taken over by node-b:77"
+    with pytest.raises(StoreError, match=taken), store.writer("s", dim=4) as w:
+        w.append(feats, coords, tissue)
+        _write_claim(store, "s", host="node-b", pid=77, time=time.time(), token="theirs")
+    assert store.slide_ids() == [] and not (store.path / "slides" / "s").exists()
+    assert not store._staging_dirs()  # the staged copy is removed
+    assert store.claim_info("s")["token"] == "theirs"  # the new owner's claim is left alone
+
+
+def test_heartbeat_stops_once_the_claim_is_someone_elses(tmp_path):
+    store = FeatureStore(tmp_path / "f.zarr", claim_ttl=5)  # heartbeat every 0.5 s
+    with store.claim("s"):
+        _write_claim(store, "s", host="node-b", pid=77, time=time.time(), token="theirs")
+        path = store.path / ".claims" / "s.claim"
+        old = time.time() - 60
+        os.utime(path, (old, old))
+        time.sleep(1.5)  # three heartbeats
+        assert path.stat().st_mtime < time.time() - 30  # not kept alive by us
+    assert store.claim_info("s")["token"] == "theirs"  # release leaves a claim that is not ours
+
+
 def test_heartbeat_refreshes_claim_mtime(tmp_path):
     store = FeatureStore(tmp_path / "f.zarr", claim_ttl=5)  # heartbeat every 0.5 s
     with store.claim("s"):

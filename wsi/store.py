@@ -12,9 +12,13 @@ features.zarr/                 root attrs: format_version, encoder, tiling, stai
 
 A slide is visible only once complete: it is written under ``.staging`` and moved into
 ``slides/`` with a single ``os.rename`` (atomic on POSIX within one filesystem). Claims are
-created with ``O_CREAT | O_EXCL``; a claim is stale when its process is gone (same host) or its
-heartbeat (the file's mtime) is older than a TTL (other hosts). Root attribute updates and
-stale-claim recovery are serialised with ``fcntl.flock`` on a lock file in the store.
+created with ``O_CREAT | O_EXCL``; a claim is stale when its process is gone (same host and pid
+namespace) or its heartbeat (the file's mtime) is older than a TTL (other hosts, other containers).
+A writer commits only while its claim is still its own (checked under the lock at the rename), so a
+process whose claim was taken over (paused past the TTL, say) never publishes a slide. Staged files
+are fsynced before the rename, so a power cut cannot leave a visible slide with missing chunks.
+Root attribute updates, stale-claim recovery and commits are serialised with ``fcntl.flock`` on a
+lock file in the store.
 """
 
 from __future__ import annotations
@@ -93,6 +97,37 @@ def _pid_alive(pid: int, create_time: float | None) -> bool:
         return True
 
 
+def _pid_namespace() -> int | None:
+    """The inode of this process's pid namespace (Linux), telling containers on one host apart."""
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return None
+
+
+def _fsync_tree(root: Path) -> None:
+    """fsync every file under ``root``, then the directories (children before parents)."""
+    dirs = []
+    for here, _subdirs, files in os.walk(root):
+        dirs.append(here)
+        for name in files:
+            fd = os.open(os.path.join(here, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    for d in reversed(dirs):
+        _fsync_dir(Path(d))
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _own_create_time() -> float | None:
     import psutil
 
@@ -114,8 +149,15 @@ class Claim:
 
     def _beat(self, every: float) -> None:
         while not self._stop.wait(every):
+            if not self.is_ours():  # taken over: never keep another process's claim alive
+                return
             with contextlib.suppress(OSError):
                 os.utime(self.path)
+
+    def is_ours(self) -> bool:
+        """The claim file still carries this claim's token."""
+        info = _read_claim(self.path)
+        return info is not None and info.get("token") == self.token
 
     def release(self) -> None:
         """Stop the heartbeat and remove the claim file if it is still ours."""
@@ -354,7 +396,9 @@ class FeatureStore:
             age = time.time() - path.stat().st_mtime
         except FileNotFoundError:
             return False  # gone: not ours to recover, just retry
-        if info.get("host") == self._host and isinstance(info.get("pid"), int):
+        # another container may share the hostname (claims without a namespace: same as ours)
+        same_ns = info.get("pid_ns") in (None, _pid_namespace())
+        if info.get("host") == self._host and same_ns and isinstance(info.get("pid"), int):
             return not _pid_alive(info["pid"], info.get("create_time"))
         return age > self.claim_ttl
 
@@ -373,8 +417,8 @@ class FeatureStore:
         path = self._claim_path(slide_id)
         token = uuid.uuid4().hex
         payload = json.dumps({
-            "host": self._host, "pid": os.getpid(), "create_time": _own_create_time(),
-            "time": time.time(), "token": token,
+            "host": self._host, "pid": os.getpid(), "pid_ns": _pid_namespace(),
+            "create_time": _own_create_time(), "time": time.time(), "token": token,
         }).encode()
         for _attempt in range(3):
             try:
@@ -466,12 +510,13 @@ class FeatureStore:
         with contextlib.ExitStack() as stack:
             if slide_id not in self._held:
                 stack.enter_context(self.claim(slide_id))
+            held = self._held[slide_id]
             staging = self.path / ".staging" / f"{slide_id}-{uuid.uuid4().hex}"
             w = SlideWriter(staging, dim=dim, capacity=capacity, attrs=attrs)
             try:
                 yield w
                 w.finish()
-                self._commit(slide_id, staging)
+                self._commit(slide_id, staging, held)
             except BaseException:
                 w.close()  # no write may land after the staging directory is gone
                 shutil.rmtree(staging, ignore_errors=True)
@@ -494,13 +539,27 @@ class FeatureStore:
         with self.writer(slide_id, dim=features.shape[1], capacity=features.shape[0], attrs=attrs) as w:
             w.append(features, coords, tissue)
 
-    def _commit(self, slide_id: str, staging: Path) -> None:
+    def _commit(self, slide_id: str, staging: Path, held: Claim) -> None:
+        """Make a staged slide visible: its files are made durable, then, under the store lock
+        and only while ``held`` is still this slide's claim, one rename moves it in."""
         target = self._slide_dir(slide_id)
-        old = None
-        if target.exists():
-            old = self.path / ".staging" / f"trash-{uuid.uuid4().hex}"
-            os.rename(target, old)
-        os.rename(staging, target)  # the one atomic step that makes the slide visible
+        _fsync_tree(staging)
+        with self._lock():
+            if not held.is_ours():
+                info = _read_claim(held.path) or {}
+                raise StoreError(
+                    f"{self.path}: slide {slide_id!r} was not committed: its claim {held.path} was taken "
+                    f"over by {info.get('host')}:{info.get('pid')} while this process wrote it (it "
+                    f"looked dead or stalled past claim_ttl={self.claim_ttl:.0f} s), so that process "
+                    "writes it instead. Fix: give processes that share a store distinct hostnames, or "
+                    "raise claim_ttl if processes may pause that long"
+                )
+            old = None
+            if target.exists():
+                old = self.path / ".staging" / f"trash-{uuid.uuid4().hex}"
+                os.rename(target, old)
+            os.rename(staging, target)  # the one atomic step that makes the slide visible
+        _fsync_dir(target.parent)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
         log.debug("%s: committed slide %s", self.path, slide_id)
