@@ -111,16 +111,13 @@ def _fsync_tree(root: Path) -> None:
     for here, _subdirs, files in os.walk(root):
         dirs.append(here)
         for name in files:
-            fd = os.open(os.path.join(here, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            _fsync(os.path.join(here, name))
     for d in reversed(dirs):
-        _fsync_dir(Path(d))
+        _fsync(d)
 
 
-def _fsync_dir(path: Path) -> None:
+def _fsync(path: str | Path) -> None:
+    """fsync one file or directory."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -163,8 +160,7 @@ class Claim:
         """Stop the heartbeat and remove the claim file if it is still ours."""
         self._stop.set()
         self._thread.join(timeout=5)
-        info = _read_claim(self.path)
-        if info is not None and info.get("token") == self.token:
+        if self.is_ours():
             with contextlib.suppress(FileNotFoundError):
                 self.path.unlink()
 
@@ -559,7 +555,7 @@ class FeatureStore:
                 old = self.path / ".staging" / f"trash-{uuid.uuid4().hex}"
                 os.rename(target, old)
             os.rename(staging, target)  # the one atomic step that makes the slide visible
-        _fsync_dir(target.parent)
+        _fsync(target.parent)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
         log.debug("%s: committed slide %s", self.path, slide_id)
