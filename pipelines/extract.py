@@ -12,6 +12,7 @@ reported with its reason; the batch goes on.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import logging
 import os
@@ -222,9 +223,10 @@ class _Producer:
     """
 
     def __init__(self, paths: Sequence[Path], job: ExtractJob, store: FeatureStore, embedder: _Embedder,
-                 cpu_normalizer: Any) -> None:
+                 cpu_normalizer: Any, run_started: float) -> None:
         self.paths = paths
         self.job = job
+        self.run_started = run_started  # --overwrite keeps slides committed since (this run's own)
         self.store = store
         self.embedder = embedder
         self.normalizer = cpu_normalizer
@@ -265,13 +267,14 @@ class _Producer:
         from wsi.tissue import detect_tissue
 
         job, store, t = self.job, self.store, self.job.tiling
+        check = functools.partial(store.check_slide, overwrite=job.overwrite, run_started=self.run_started)
         work = _Work(path, slide_id_for(path), time.perf_counter(), contextlib.ExitStack())
         started = False  # from "start" on, work.stack (claim, then writer) belongs to the consumer
         try:
             # the slide handle stays with this thread: closed here, after its last patch is read
             with open_slide(path, backend=t.backend, mpp=t.slide_mpp) as slide:
                 source = {**slide.identity(), "slide_mpp": float(slide.mpp), "mpp_source": slide.mpp_source}
-                if store.check_slide(work.slide_id, source, overwrite=job.overwrite):
+                if check(work.slide_id, source):
                     yield _Event("skip", work, reason="already in the store with the same identity")
                     return
                 try:
@@ -279,7 +282,7 @@ class _Producer:
                 except SlideClaimedError as err:
                     yield _Event("busy", work, reason=str(err))
                     return
-                if store.check_slide(work.slide_id, source, overwrite=job.overwrite):
+                if check(work.slide_id, source):
                     work.stack.close()  # finished by another process between our check and our claim
                     yield _Event("skip", work, reason="written by another process meanwhile")
                     return
@@ -496,12 +499,13 @@ class _Consumer:
 
 
 def _run_slides(
-    paths: Sequence[Path], job: ExtractJob, store: FeatureStore, encoder: Encoder, progress: ExtractProgress
+    paths: Sequence[Path], job: ExtractJob, store: FeatureStore, encoder: Encoder, progress: ExtractProgress,
+    run_started: float,
 ) -> list[SlideResult]:
     embedder = _Embedder(encoder, job.precision)
     normalizer = _stain_normalizer(job)
     on_gpu = embedder.cuda and normalizer is not None and hasattr(normalizer, "transform_torch")
-    producer = _Producer(paths, job, store, embedder, None if on_gpu else normalizer)
+    producer = _Producer(paths, job, store, embedder, None if on_gpu else normalizer, run_started)
     consumer = _Consumer(store, embedder, normalizer if on_gpu else None, progress)
     results: dict[str, SlideResult] = {}
     events: Any = None
@@ -553,19 +557,22 @@ def open_store(job: ExtractJob, encoder: Encoder) -> FeatureStore:
 
 
 def extract_slide(
-    path: str | Path, job: ExtractJob, *, encoder: Encoder | None = None, store: FeatureStore | None = None
+    path: str | Path, job: ExtractJob, *, encoder: Encoder | None = None, store: FeatureStore | None = None,
+    run_started: float | None = None,
 ) -> SlideResult:
     """Extract one slide into ``job.out`` (safe in a Dask worker; returns a plain, picklable result).
 
     Errors of the slide are reported in the result, not raised; a store of another identity
-    raises ``StoreMismatchError``.
+    raises ``StoreMismatchError``. ``run_started`` (Unix time, default now): with
+    ``job.overwrite``, a copy of the slide committed since then is kept, not redone.
     """
+    run_started = time.time() if run_started is None else run_started
     encoder = encoder if encoder is not None else load_encoder(job)
     store = store if store is not None else open_store(job, encoder)
-    return _run_slides([Path(path)], job, store, encoder, _NoProgress())[0]
+    return _run_slides([Path(path)], job, store, encoder, _NoProgress(), run_started)[0]
 
 
-def _run_on_cluster(paths, job: ExtractJob, store, encoder, progress) -> list[SlideResult]:
+def _run_on_cluster(paths, job: ExtractJob, store, encoder, progress, run_started: float) -> list[SlideResult]:
     """One ``extract_slide`` task per slide on ``job.cluster`` (see :mod:`pipelines.cluster`);
     GPU slides go only to workers that declare a GPU resource."""
     from pipelines.cluster import gpu_resources, map_slides
@@ -576,7 +583,8 @@ def _run_on_cluster(paths, job: ExtractJob, store, encoder, progress) -> list[Sl
         progress.slide_finished(res)
 
     resources = gpu_resources(job.cluster) if job.device != "cpu" else None
-    return map_slides(extract_slide, paths, job, job.cluster, resources=resources, progress=done)
+    task = functools.partial(extract_slide, run_started=run_started)
+    return map_slides(task, paths, job, job.cluster, resources=resources, progress=done)
 
 
 def run_extract(
@@ -590,6 +598,7 @@ def run_extract(
     from pipelines.inputs import expand_slides
 
     summary = RunSummary("extract")
+    run_started = time.time()  # before the store is opened: --overwrite redoes what was there then
     paths = expand_slides(job.slides)
     encoder = encoder if encoder is not None else load_encoder(job)
     store = open_store(job, encoder)
@@ -605,7 +614,7 @@ def run_extract(
     log.info("extracting %d slides into %s with %s (%s)", len(paths), job.out, encoder.spec.name, encoder.device)
     try:
         run = _run_on_cluster if job.cluster is not None else _run_slides
-        for res in run(paths, job, store, encoder, progress or _NoProgress()):
+        for res in run(paths, job, store, encoder, progress or _NoProgress(), run_started):
             summary.add(res)
     finally:
         summary.finished = time.time()

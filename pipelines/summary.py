@@ -46,6 +46,11 @@ class RunSummary:
         return sum(r.status == "failed" for r in self.results)
 
     @property
+    def n_busy(self) -> int:
+        """Slides left to another live process that held their claim (not in the output yet)."""
+        return sum(r.status == "skipped" and bool(r.extra.get("busy")) for r in self.results)
+
+    @property
     def n_patches(self) -> int:
         return sum(r.n_patches for r in self.results)
 
@@ -59,6 +64,7 @@ class RunSummary:
             "n_done": sum(r.status == "done" for r in self.results),
             "n_skipped": sum(r.status == "skipped" for r in self.results),
             "n_failed": self.n_failed,
+            "n_busy": self.n_busy,
             "n_patches": self.n_patches,
             "slides": [asdict(r) for r in self.results],
         }
@@ -77,7 +83,8 @@ class RunSummary:
         """A rich Table of the slides (imported lazily: library code has no UI at import)."""
         from rich.table import Table
 
-        t = Table(title=f"slidepipe {self.job}: {len(self.results)} slides, {self.n_failed} failed")
+        busy = f", {self.n_busy} still being written by another process" if self.n_busy else ""
+        t = Table(title=f"slidepipe {self.job}: {len(self.results)} slides, {self.n_failed} failed{busy}")
         for col in ("slide", "status", "patches", "seconds", "reason"):
             t.add_column(col, overflow="fold")
         style = {"done": "green", "skipped": "cyan", "failed": "red"}

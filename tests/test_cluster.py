@@ -6,6 +6,7 @@ Task functions live at module level: Dask's spawned workers import this module b
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -399,19 +400,29 @@ def test_whole_cluster_run_killed_then_rerun_resumes(tmp_path):
             "--slide-mpp", "0.5", "--cluster", "local", "--cluster-config", str(tmp_path / "local.yaml")]
     proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", *args], cwd=tmp_path, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    def committed() -> list[str]:
+        return sorted(p.parent.name for p in (store / "slides").glob("*/zarr.json"))
+
     try:
         deadline = time.monotonic() + 300
-        while not list((store / ".claims").glob("*.claim")) and time.monotonic() < deadline:
+        # one slide in the store and another one claimed (being written) when the run is killed
+        while not (committed() and list((store / ".claims").glob("*.claim"))) and time.monotonic() < deadline:
             assert proc.poll() is None, "the run ended before it could be killed"
-            time.sleep(0.05)
-        time.sleep(0.5)  # mid-slide: claimed, staging being written
+            time.sleep(0.02)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+    finished = FeatureStore(store, mode="r").slide_ids()
+    assert 1 <= len(finished) < len(extract_slides())
+    kept = {sid: FeatureStore(store, mode="r").slide_attrs(sid) for sid in finished}
     rerun = cli(*args, cwd=tmp_path)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert_same_extraction(tmp_path / "serial.zarr", store)
     assert not list((store / ".claims").glob("*.claim"))
+    (summary,) = (store / "runs").glob("*-summary.json")  # the killed run wrote none
+    status = {s["slide_id"]: s["status"] for s in json.loads(summary.read_text())["slides"]}
+    assert sorted(sid for sid, st in status.items() if st == "skipped") == finished  # resumed, not redone
+    assert {sid: FeatureStore(store, mode="r").slide_attrs(sid) for sid in finished} == kept
 
 
 # --- training folds as tasks ------------------------------------------------------------------

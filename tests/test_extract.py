@@ -75,7 +75,8 @@ def test_real_slides_make_a_valid_store(extracted, encoder):
     assert store.slide_ids() == REAL_IDS
     ident = store.identity
     assert ident["encoder"] == {"name": "tiny-vit", "weights_id": "random", "dim": 64}
-    assert ident["tiling"]["mpp"] == 1.0 and ident["tiling"]["patch_size"] == 224
+    assert ident["tiling"] == {"mpp": 1.0, "patch_size": 224, "overlap": 0, "min_tissue": 0.25, "tissue_mpp": 8.0}
+    assert ident["stain"] == {"method": "none", "target": None, "target_hash": None}
     assert store.attrs["config"]["encoder"] == "tiny-vit"
 
     tcga = store.read("tcga-cr-7395-01a-01-ts1")
@@ -213,6 +214,47 @@ def test_changed_slide_file_is_an_error_unless_overwrite(tmp_path, encoder):
     assert FeatureStore(job.out).slide_attrs("tiny-aperio")["source"]["quick_hash"] != "sha256:other"
 
 
+def test_overwrite_redoes_what_was_there_not_what_this_run_wrote(tmp_path, encoder):
+    job = make_job(tmp_path / "f.zarr", [TINY, TCGA])
+    run_extract(job, encoder=encoder)
+    store = FeatureStore(job.out, mode="r")
+    before = {sid: store.slide_attrs(sid)["written_at"] for sid in store.slide_ids()}
+    job.overwrite = True
+    started = time.time()
+    assert [r.status for r in run_extract(job, encoder=encoder).results] == ["done", "done"]
+    again = {sid: store.slide_attrs(sid)["written_at"] for sid in store.slide_ids()}
+    assert all(before[sid] < started <= again[sid] for sid in before)  # both redone
+    # a slide this run (or a concurrent --overwrite run) committed after it started is kept
+    res = extract_slide(TCGA, job, encoder=encoder, run_started=started)
+    assert res.status == "skipped" and store.slide_attrs(res.slide_id)["written_at"] == again[res.slide_id]
+
+
+def test_a_slide_another_live_process_holds_is_reported_and_exits_3(tmp_path):
+    from typer.testing import CliRunner
+
+    from pipelines.cli import app
+
+    job = make_job(tmp_path / "f.zarr", [TINY])
+    store = FeatureStore(job.out)
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        claim = {"host": socket.gethostname(), "pid": holder.pid, "time": time.time()}
+        (store.path / ".claims" / "tiny-aperio.claim").write_text(json.dumps(claim))
+        result = CliRunner().invoke(app, cli_args(job))
+        assert result.exit_code == 3, result.output
+        assert "still being written by another process" in result.output and "rerun" in result.output
+        summary = json.loads(next((store.path / "runs").glob("*-summary.json")).read_text())
+        assert summary["n_busy"] == 1 and summary["slides"][0]["status"] == "skipped"
+        assert str(holder.pid) in summary["slides"][0]["reason"]
+        assert store.slide_ids() == []
+    finally:
+        holder.kill()
+        holder.wait()
+    result = CliRunner().invoke(app, cli_args(job))  # the holder died: its slide is taken over
+    assert result.exit_code == 0, result.output
+    assert store.slide_ids() == ["tiny-aperio"]
+
+
 def test_leftovers_of_a_dead_run_are_recovered(tmp_path, encoder):
     job = make_job(tmp_path / "f.zarr", [TINY])
     store = FeatureStore(job.out)
@@ -286,12 +328,19 @@ def test_sigkill_mid_run_then_rerun_equals_uninterrupted_run(tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     store = FeatureStore(job.out, mode="r")
-    assert 1 <= len(store.slide_ids()) < 4
+    finished = store.slide_ids()
+    assert 1 <= len(finished) < 4
     assert list((Path(job.out) / ".claims").glob("*.claim")), "the killed run should leave its claim"
+    kept = {sid: store.slide_attrs(sid) for sid in finished}
 
     rerun = subprocess.run(_cli(job), env=_env(), capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     _assert_same_store(ref.out, job.out)
+    (summary,) = (Path(job.out) / "runs").glob("*-summary.json")  # the killed run wrote none
+    status = {s["slide_id"]: s["status"] for s in json.loads(summary.read_text())["slides"]}
+    assert {sid for sid, st in status.items() if st == "skipped"} == set(finished)  # resumed, not redone
+    assert {sid for sid, st in status.items() if st == "done"} == set(status) - set(finished)
+    assert {sid: store.slide_attrs(sid) for sid in finished} == kept  # untouched by the rerun
     assert not list(staging.iterdir()) and not list((Path(job.out) / ".claims").iterdir())
 
 
@@ -453,16 +502,28 @@ def test_stain_normalisation_is_applied_and_recorded(tmp_path, encoder, extracte
     assert not np.allclose(normed.features, plain.features, atol=1e-2)  # ... different pixels
 
 
-def test_thread_and_process_readers_write_identical_stores(tmp_path, encoder, extracted):
+def test_thread_and_process_readers_write_identical_stores(tmp_path, encoder, extracted, monkeypatch):
     """``--reader thread`` (reader threads here) and the default child process: same bytes,
     with stain normalisation applied in the child for the process reader."""
+    from wsi import reader_process
+
     target = SHARED / "thumbnails" / "tcga-lung-rgb.png"
     stain = {"method": "reinhard", "target": target} if target.exists() else {"method": "none"}
-    stores = {}
+    child_reads: list[str] = []  # slides whose patches a child process read
+    real_start = reader_process.ReaderProcess.start
+
+    def start(self, path, grid, **kw):
+        child_reads.append(Path(path).stem)
+        return real_start(self, path, grid, **kw)
+
+    monkeypatch.setattr(reader_process.ReaderProcess, "start", start)
+    stores, reads = {}, {}
     for mode in ("thread", "process"):
         job = make_job(tmp_path / f"{mode}.zarr", [TCGA, REAL / "cmu-1-small-region.svs"], reader=mode, stain=stain)
         assert {r.status for r in run_extract(job, encoder=encoder).results} == {"done"}
         stores[mode] = FeatureStore(job.out, mode="r")
+        reads[mode], child_reads[:] = sorted(child_reads), []
+    assert reads == {"thread": [], "process": ["cmu-1-small-region", "tcga-cr-7395-01a-01-ts1"]}
     for sid in ("tcga-cr-7395-01a-01-ts1", "cmu-1-small-region"):
         a, b = stores["thread"].read(sid), stores["process"].read(sid)
         assert len(a) > 0

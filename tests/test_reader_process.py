@@ -259,3 +259,41 @@ def test_a_stream_closed_mid_iteration_writes_nowhere(tmp_path):
         assert len(got.indices) == len(_grid(64))
     finally:
         rp.close()
+
+
+def test_a_stream_dropped_unread_closes_its_pipe_and_is_forgotten():
+    """An interrupted run drops queued reads without closing them: nothing of theirs stays open,
+    and the child goes on serving the next read."""
+    import gc
+
+    rp = ReaderProcess()
+    fds = len(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else None
+    try:
+        dropped = rp.start(CMU, _grid(64), batch_size=8)
+        number, rid = dropped._free_w, dropped.rid
+        del dropped
+        gc.collect()
+        with pytest.raises(OSError):
+            os.fstat(number)
+        assert rid not in rp._live and rid not in rp._inbox
+        got = read_all(rp.start(CMU, _grid(64), batch_size=8))
+        assert len(got.indices) == len(_grid(64))
+        assert not rp._live and not rp._inbox
+        if fds is not None:
+            assert len(os.listdir("/proc/self/fd")) == fds
+    finally:
+        rp.close()
+
+
+def test_a_child_that_cannot_start_leaves_no_descriptor_open(monkeypatch):
+    if not os.path.isdir("/proc/self/fd"):
+        pytest.skip("needs /proc/self/fd")
+    before = len(os.listdir("/proc/self/fd"))
+
+    def no_processes(*args, **kwargs):
+        raise BlockingIOError("Resource temporarily unavailable (fork)")
+
+    monkeypatch.setattr(reader_process.subprocess, "Popen", no_processes)
+    with pytest.raises(BlockingIOError):
+        ReaderProcess()
+    assert len(os.listdir("/proc/self/fd")) == before

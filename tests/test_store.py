@@ -138,6 +138,37 @@ def test_check_slide_skip_mismatch_overwrite(tmp_path):
     assert store.check_slide("x", changed, overwrite=True) is False
 
 
+def test_overwrite_keeps_slides_committed_since_the_run_started(tmp_path):
+    store = FeatureStore(tmp_path / "f.zarr")
+    ident = {"size": 100, "quick_hash": "abc", "slide_mpp": 0.5}
+    store.write("old", *_arrays(3, 4), attrs={"source": ident})
+    started = time.time()
+    store.write("new", *_arrays(3, 4), attrs={"source": ident})
+    assert store.slide_attrs("old")["written_at"] < started <= store.slide_attrs("new")["written_at"]
+    assert store.check_slide("old", ident, overwrite=True, run_started=started) is False  # from before: redo
+    assert store.check_slide("new", ident, overwrite=True, run_started=started) is True  # this run's: keep
+    assert store.check_slide("new", ident, overwrite=True) is False  # no start given: every slide is redone
+    with pytest.raises(StoreMismatchError):  # a changed file is still refused without overwrite
+        store.check_slide("new", {**ident, "quick_hash": "def"}, run_started=started)
+
+
+def test_a_slide_written_under_an_identity_replaced_meanwhile_is_not_committed(tmp_path):
+    old_run = FeatureStore(tmp_path / "f.zarr")
+    old_run.ensure_identity(IDENTITY)
+    other = {**IDENTITY, "tiling": {**IDENTITY["tiling"], "mpp": 1.0}}
+    changed = r"tiling changed while it was written.*--overwrite"
+    with pytest.raises(StoreError, match=changed) as err, old_run.writer("s", dim=4) as w:
+        w.append(*_arrays(3, 4))
+        FeatureStore(tmp_path / "f.zarr").ensure_identity(other, overwrite=True)  # a new run replaces it
+    assert "'s'" in str(err.value) and "Fix:" in str(err.value)
+    new_run = FeatureStore(tmp_path / "f.zarr", mode="r")
+    assert new_run.identity["tiling"]["mpp"] == 1.0 and new_run.slide_ids() == []
+    assert not [p for p in (tmp_path / "f.zarr" / ".staging").iterdir() if p.name.startswith("s-")]
+    fresh = FeatureStore(tmp_path / "f.zarr")  # a writer that never ensured an identity pins the current one
+    fresh.write("t", *_arrays(2, 4))
+    assert fresh.slide_ids() == ["t"]
+
+
 def test_read_only_and_missing_store(tmp_path):
     with pytest.raises(StoreError, match="not a slidepipe feature store"):
         FeatureStore(tmp_path / "nope.zarr", mode="r")

@@ -112,13 +112,20 @@ class ReaderProcess:
         env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
         env.setdefault("OMP_NUM_THREADS", "1")
         fds = (req_r, resp_w, child_fds.fileno())
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "wsi.reader_process", *map(str, fds)],
-            pass_fds=fds, env=env, stdin=subprocess.DEVNULL, close_fds=True,
-        )
-        os.close(req_r)
-        os.close(resp_w)
-        child_fds.close()
+        try:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "wsi.reader_process", *map(str, fds)],
+                pass_fds=fds, env=env, stdin=subprocess.DEVNULL, close_fds=True,
+            )
+        except BaseException:  # e.g. out of processes: nothing of this reader stays open
+            for fd in (req_w, resp_r):
+                os.close(fd)
+            self._fds.close()
+            raise
+        finally:
+            os.close(req_r)
+            os.close(resp_w)
+            child_fds.close()
         self.req = Connection(req_w, readable=False)
         self.resp = Connection(resp_r, writable=False)
         self._next_id = 0
@@ -265,6 +272,12 @@ class _Layout:
         return coords, np.frombuffer(ring, np.int64, s * b, self.indices_at).reshape(s, b)
 
 
+def _drop_stream(rp: ReaderProcess, rid: int, free_w: int) -> None:
+    rp._live.discard(rid)
+    rp._inbox.pop(rid, None)
+    os.close(free_w)
+
+
 class ReadStream:
     """One read queued on a :class:`ReaderProcess`: iterate once for its batches (``skipped`` and
     ``stats`` are set at the end); ``close()`` cancels it."""
@@ -274,6 +287,9 @@ class ReadStream:
         self.rp, self.rid, self.path = rp, rid, path
         self._ring, self._layout, self._patch, self._copy = ring, layout, patch, copy
         self._free_w = free_w  # one byte per slot handed back; closed with the stream
+        # a stream dropped unread (an interrupted run's queued event) still closes its descriptor
+        # (the child, waiting for a slot, then drops the read) and is forgotten by the process
+        self._close_free = weakref.finalize(self, _drop_stream, rp, rid, free_w)
         self.skipped: list[tuple[int, str]] = []
         self.stats: dict[str, Any] = {}
         self.received = 0  # messages received (0: the child has not started on it)
@@ -326,8 +342,8 @@ class ReadStream:
             return
         self._closed = True
         self.rp._forget(self.rid, cancel=not self._done)
-        fd, self._free_w = self._free_w, -1
-        os.close(fd)  # a child waiting for a slot of this read sees the end of the pipe
+        self._free_w = -1
+        self._close_free()  # once only; a child waiting for a slot of this read sees the end of the pipe
         with contextlib.suppress(BufferError):  # a batch still views it: unmapped with that batch
             self._ring.close()
 

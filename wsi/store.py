@@ -198,6 +198,7 @@ class FeatureStore:
         self.claim_ttl = float(claim_ttl)
         self._held: dict[str, Claim] = {}
         self._host = socket.gethostname()
+        self._expected: dict[str, Any] | None = None  # the identity this object's slides are written under
         if mode == "r":
             if not (self.path / "zarr.json").is_file():
                 raise StoreError(
@@ -256,6 +257,7 @@ class FeatureStore:
         with self._lock():
             root = zarr.open_group(self.path, mode="a")
             current = {k: root.attrs[k] for k in IDENTITY_KEYS if k in root.attrs}
+            self._expected = wanted
             if not current:
                 root.attrs.update(wanted)
                 return
@@ -355,12 +357,16 @@ class FeatureStore:
         return bags
 
     # ------------------------------------------------------------------ slide identity
-    def check_slide(self, slide_id: str, identity: Mapping[str, Any], *, overwrite: bool = False) -> bool:
+    def check_slide(
+        self, slide_id: str, identity: Mapping[str, Any], *, overwrite: bool = False, run_started: float | None = None
+    ) -> bool:
         """Decide what to do with a slide before extracting it.
 
         Returns True when a complete slide with the same identity (``SLIDE_IDENTITY_KEYS`` of the
         ``source`` attr) is present (skip it), False when it must be (re)written. A complete slide
-        with a different identity raises ``StoreMismatchError`` unless ``overwrite``.
+        with a different identity raises ``StoreMismatchError`` unless ``overwrite``. With
+        ``overwrite``, a same-identity slide committed at or after ``run_started`` (a Unix time:
+        the overwriting run's start) is that run's own work, or a concurrent run's, and is kept.
         """
         attrs = self.slide_attrs(slide_id)
         if not attrs or attrs.get("complete") is not True:
@@ -369,7 +375,9 @@ class FeatureStore:
         wanted = _jsonable(dict(identity))
         diffs = [k for k in SLIDE_IDENTITY_KEYS if k in wanted and stored.get(k) != wanted[k]]
         if not diffs:
-            return not overwrite
+            written = attrs.get("written_at")
+            fresh = run_started is not None and isinstance(written, int | float) and written >= run_started
+            return fresh or not overwrite
         if overwrite:
             return False
         detail = "; ".join(f"{k}: store has {stored.get(k)!r}, file has {wanted[k]!r}" for k in diffs)
@@ -503,6 +511,8 @@ class FeatureStore:
         staging directory is removed and nothing becomes visible.
         """
         self._require_writable()
+        if self._expected is None:
+            self._expected = _jsonable(self.identity)
         with contextlib.ExitStack() as stack:
             if slide_id not in self._held:
                 stack.enter_context(self.claim(slide_id))
@@ -541,6 +551,14 @@ class FeatureStore:
         target = self._slide_dir(slide_id)
         _fsync_tree(staging)
         with self._lock():
+            changed = self._identity_changed()
+            if changed:
+                raise StoreError(
+                    f"{self.path}: slide {slide_id!r} was not committed: the store's {changed} changed while "
+                    "it was written (another run replaced the store's contents with --overwrite), so its "
+                    "features belong to the old settings. Fix: rerun with the store's new settings, or "
+                    "write to a new store with --out"
+                )
             if not held.is_ours():
                 info = _read_claim(held.path) or {}
                 raise StoreError(
@@ -559,6 +577,12 @@ class FeatureStore:
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
         log.debug("%s: committed slide %s", self.path, slide_id)
+
+    def _identity_changed(self) -> str:
+        """Names of the identity keys that now differ from the ones this object writes under
+        (set by ``ensure_identity``, else by its first ``writer``); '' if none."""
+        current, expected = self.identity, self._expected or {}
+        return ", ".join(k for k in sorted(expected) if current.get(k) != expected[k])
 
     def delete(self, slide_id: str) -> None:
         """Remove a slide (under its claim)."""
@@ -689,6 +713,7 @@ class SlideWriter:
                 array.resize((self.n, *array.shape[1:]))
         attrs = _jsonable(self.attrs)
         attrs.setdefault("created", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+        attrs["written_at"] = time.time()  # Unix time: which run wrote it (``check_slide(run_started=)``)
         attrs["n_tiles"] = self.n
         attrs["feature_dim"] = self.dim
         attrs["complete"] = True

@@ -83,7 +83,8 @@ def command(
     """Embed every tissue patch of every slide with a patch encoder into a resumable Zarr store.
 
     Complete slides with the same identity are skipped; several processes may share one store.
-    Exit code 1 if any slide failed, 2 for a usage or store-identity error.
+    Exit code 1 if any slide failed, 2 for a usage or store-identity error, 3 if every slide is
+    done or skipped but some are still being written by another process (not in the store yet).
     """
     from pipelines.config import ExtractJob
 
@@ -142,3 +143,10 @@ def run(job) -> None:
     console.print(f"store: {job.out}  ({summary.n_patches} patches)")
     if summary.n_failed:
         raise typer.Exit(1)
+    if summary.n_busy:
+        console.print(
+            f"[yellow]{summary.n_busy} slide(s) are still being written by another process sharing this "
+            "store (see their claims in .claims/), so the store is not complete yet. Fix: wait for that "
+            "process, then rerun this command: it skips what is done and takes over what was abandoned"
+        )
+        raise typer.Exit(3)
