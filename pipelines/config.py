@@ -110,6 +110,10 @@ class ExtractJob(_Model):
         "or in a thread of this process",
     )
     overwrite: bool = False
+    wait: bool = Field(
+        False, description="after its own slides, wait for those other processes sharing the store are "
+        "writing (taking over any whose process dies), so that the store is complete on exit",
+    )
     skip_corrupt_tiles: bool = False
     torch_threads: int | None = Field(
         None, ge=1, description="CPU threads for torch (1: bit-reproducible CPU runs; default: torch's)"

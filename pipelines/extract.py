@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import itertools
 import logging
 import os
 import socket
@@ -39,6 +40,7 @@ if TYPE_CHECKING:
     from wsi.tiling import TileGrid
 
 log = logging.getLogger(__name__)
+WAIT_POLL_S = 2.0  # with job.wait: how often slides other processes hold are looked at again
 
 
 class ExtractProgress(Protocol):
@@ -527,12 +529,18 @@ def _run_slides(
 
     try:
         run_pass(consumer, last_pass=False)
-        # slides another process held: they may be done now, or free again if that process failed
-        busy = [p for p in paths if results.get(str(p)) is not None and results[str(p)].extra.get("busy")]
-        if busy:
+        # slides another process held: they may be done now, or free again if that process failed;
+        # once more, or (job.wait) until none is held any more
+        for again in itertools.count():
+            busy = [p for p in paths if results.get(str(p)) is not None and results[str(p)].extra.get("busy")]
+            if not busy or (again and not job.wait):
+                break
+            if again:
+                log.info("waiting for %d slides other processes are writing", len(busy))
+                time.sleep(WAIT_POLL_S)
             producer.paths = busy
             consumer = _Consumer(store, embedder, normalizer if on_gpu else None, progress)
-            run_pass(consumer, last_pass=True)
+            run_pass(consumer, last_pass=not job.wait)
     except BaseException as err:
         if events is not None:
             with contextlib.suppress(BaseException):  # a second Ctrl-C: the cleanup below still runs
@@ -549,26 +557,29 @@ def _run_slides(
 
 
 # ---------------------------------------------------------------------------- public API
-def open_store(job: ExtractJob, encoder: Encoder) -> FeatureStore:
-    """Open (or create) the job's store and check (or record) its identity."""
+def open_store(job: ExtractJob, encoder: Encoder, *, replace_identity: bool | None = None) -> FeatureStore:
+    """Open (or create) the job's store and check (or record) its identity; another identity is
+    replaced if ``replace_identity`` (default: ``job.overwrite``), else ``StoreMismatchError``."""
     store = FeatureStore(job.out, claim_ttl=job.claim_ttl)
-    store.ensure_identity(store_identity(job, encoder), overwrite=job.overwrite)
+    replace = job.overwrite if replace_identity is None else replace_identity
+    store.ensure_identity(store_identity(job, encoder), overwrite=replace)
     return store
 
 
 def extract_slide(
     path: str | Path, job: ExtractJob, *, encoder: Encoder | None = None, store: FeatureStore | None = None,
-    run_started: float | None = None,
+    run_started: float | None = None, replace_identity: bool | None = None,
 ) -> SlideResult:
     """Extract one slide into ``job.out`` (safe in a Dask worker; returns a plain, picklable result).
 
     Errors of the slide are reported in the result, not raised; a store of another identity
-    raises ``StoreMismatchError``. ``run_started`` (Unix time, default now): with
-    ``job.overwrite``, a copy of the slide committed since then is kept, not redone.
+    raises ``StoreMismatchError``, unless ``job.overwrite`` (or ``replace_identity``) replaces it.
+    ``run_started`` (Unix time on the store's file system, default now): with ``job.overwrite``,
+    a copy of the slide committed since then is kept, not redone.
     """
     run_started = time.time() if run_started is None else run_started
     encoder = encoder if encoder is not None else load_encoder(job)
-    store = store if store is not None else open_store(job, encoder)
+    store = store if store is not None else open_store(job, encoder, replace_identity=replace_identity)
     return _run_slides([Path(path)], job, store, encoder, _NoProgress(), run_started)[0]
 
 
@@ -583,7 +594,9 @@ def _run_on_cluster(paths, job: ExtractJob, store, encoder, progress, run_starte
         progress.slide_finished(res)
 
     resources = gpu_resources(job.cluster) if job.device != "cpu" else None
-    task = functools.partial(extract_slide, run_started=run_started)
+    # the driver has replaced the identity if --overwrite asked for it; a worker that replaced it
+    # again would delete the slides of a concurrent run that changed it since
+    task = functools.partial(extract_slide, run_started=run_started, replace_identity=False)
     return map_slides(task, paths, job, job.cluster, resources=resources, progress=done)
 
 
@@ -598,7 +611,6 @@ def run_extract(
     from pipelines.inputs import expand_slides
 
     summary = RunSummary("extract")
-    run_started = time.time()  # before the store is opened: --overwrite redoes what was there then
     paths = expand_slides(job.slides)
     encoder = encoder if encoder is not None else load_encoder(job)
     store = open_store(job, encoder)
@@ -610,7 +622,11 @@ def run_extract(
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     runs = Path(job.out) / "runs"
     runs.mkdir(parents=True, exist_ok=True)
-    (runs / f"{stamp}-{os.getpid()}-config.yaml").write_text(config_to_yaml(job))
+    run_config = runs / f"{stamp}-{os.getpid()}-config.yaml"
+    run_config.write_text(config_to_yaml(job))
+    # the store's file system is the one clock of every host: --overwrite redoes slides whose
+    # written_at (their zarr.json's mtime) is older than this run's config file
+    run_started = run_config.stat().st_mtime
     log.info("extracting %d slides into %s with %s (%s)", len(paths), job.out, encoder.spec.name, encoder.device)
     try:
         run = _run_on_cluster if job.cluster is not None else _run_slides

@@ -405,8 +405,11 @@ def test_whole_cluster_run_killed_then_rerun_resumes(tmp_path):
 
     try:
         deadline = time.monotonic() + 300
-        # one slide in the store and another one claimed (being written) when the run is killed
-        while not (committed() and list((store / ".claims").glob("*.claim"))) and time.monotonic() < deadline:
+        def half_written() -> list[str]:  # claimed and not yet committed
+            return [c.stem for c in (store / ".claims").glob("*.claim") if c.stem not in committed()]
+
+        # one slide in the store and another one being written when the run is killed
+        while not (committed() and half_written()) and time.monotonic() < deadline:
             assert proc.poll() is None, "the run ended before it could be killed"
             time.sleep(0.02)
     finally:

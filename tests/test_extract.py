@@ -202,6 +202,21 @@ def test_store_identity_mismatch_is_refused_unless_overwrite(tmp_path, encoder):
     assert FeatureStore(job.out, mode="r").identity["tiling"]["mpp"] == 2.0
 
 
+def test_a_cluster_task_never_replaces_the_identity_itself(tmp_path, encoder):
+    """Cluster tasks open the store with replace_identity=False: the driver already applied
+    --overwrite, and a task that replaced the identity again would delete a concurrent run's
+    slides."""
+    job = make_job(tmp_path / "f.zarr", [TINY, TCGA])
+    run_extract(job, encoder=encoder)
+    other = make_job(tmp_path / "f.zarr", [TCGA], tiling={"mpp": 2.0}, overwrite=True)
+    with pytest.raises(StoreMismatchError, match="tiling"):
+        extract_slide(TCGA, other, encoder=encoder, replace_identity=False)
+    store = FeatureStore(job.out, mode="r")
+    assert store.identity["tiling"]["mpp"] == 1.0 and len(store.slide_ids()) == 2
+    assert extract_slide(TCGA, other, encoder=encoder).status == "done"  # on its own it does replace it
+    assert store.identity["tiling"]["mpp"] == 2.0 and store.slide_ids() == ["tcga-cr-7395-01a-01-ts1"]
+
+
 def test_changed_slide_file_is_an_error_unless_overwrite(tmp_path, encoder):
     job = make_job(tmp_path / "f.zarr", [TINY])
     run_extract(job, encoder=encoder)
@@ -220,8 +235,10 @@ def test_overwrite_redoes_what_was_there_not_what_this_run_wrote(tmp_path, encod
     store = FeatureStore(job.out, mode="r")
     before = {sid: store.slide_attrs(sid)["written_at"] for sid in store.slide_ids()}
     job.overwrite = True
-    started = time.time()
+    time.sleep(0.05)  # past the file system clock's tick
     assert [r.status for r in run_extract(job, encoder=encoder).results] == ["done", "done"]
+    (config,) = sorted((Path(job.out) / "runs").glob("*-config.yaml"))[-1:]
+    started = config.stat().st_mtime  # the second run's start, by the store's clock
     again = {sid: store.slide_attrs(sid)["written_at"] for sid in store.slide_ids()}
     assert all(before[sid] < started <= again[sid] for sid in before)  # both redone
     # a slide this run (or a concurrent --overwrite run) committed after it started is kept
@@ -229,30 +246,62 @@ def test_overwrite_redoes_what_was_there_not_what_this_run_wrote(tmp_path, encod
     assert res.status == "skipped" and store.slide_attrs(res.slide_id)["written_at"] == again[res.slide_id]
 
 
-def test_a_slide_another_live_process_holds_is_reported_and_exits_3(tmp_path):
+def _hold_claim(store: FeatureStore, slide_id: str) -> subprocess.Popen:
+    """A live process of this host holding ``slide_id``'s claim (until it is killed)."""
+    holder = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+    claim = {"host": socket.gethostname(), "pid": holder.pid, "time": time.time()}
+    (store.path / ".claims" / f"{slide_id}.claim").write_text(json.dumps(claim))
+    return holder
+
+
+def test_a_slide_another_live_process_holds_is_left_to_it_and_said_so(tmp_path):
     from typer.testing import CliRunner
 
     from pipelines.cli import app
 
-    job = make_job(tmp_path / "f.zarr", [TINY])
+    job = make_job(tmp_path / "f.zarr", [TINY, TCGA])
     store = FeatureStore(job.out)
-    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    holder = _hold_claim(store, "tiny-aperio")
     try:
-        claim = {"host": socket.gethostname(), "pid": holder.pid, "time": time.time()}
-        (store.path / ".claims" / "tiny-aperio.claim").write_text(json.dumps(claim))
         result = CliRunner().invoke(app, cli_args(job))
-        assert result.exit_code == 3, result.output
-        assert "still being written by another process" in result.output and "rerun" in result.output
+        assert result.exit_code == 0, result.output  # its own share is done (e.g. one of several array jobs)
+        assert "still being written by another process" in result.output and "--wait" in result.output
         summary = json.loads(next((store.path / "runs").glob("*-summary.json")).read_text())
-        assert summary["n_busy"] == 1 and summary["slides"][0]["status"] == "skipped"
-        assert str(holder.pid) in summary["slides"][0]["reason"]
-        assert store.slide_ids() == []
+        by_id = {s["slide_id"]: s for s in summary["slides"]}
+        assert summary["n_busy"] == 1 and by_id["tiny-aperio"]["status"] == "skipped"
+        assert str(holder.pid) in by_id["tiny-aperio"]["reason"]
+        assert by_id["tcga-cr-7395-01a-01-ts1"]["status"] == "done"
+        assert store.slide_ids() == ["tcga-cr-7395-01a-01-ts1"]
     finally:
         holder.kill()
-        holder.wait()
+        holder.communicate()
     result = CliRunner().invoke(app, cli_args(job))  # the holder died: its slide is taken over
     assert result.exit_code == 0, result.output
-    assert store.slide_ids() == ["tiny-aperio"]
+    assert store.slide_ids() == ["tcga-cr-7395-01a-01-ts1", "tiny-aperio"]
+
+
+def test_wait_waits_for_slides_another_process_holds_and_takes_over_when_it_dies(tmp_path, encoder):
+    import threading
+
+    job = make_job(tmp_path / "f.zarr", [TINY, TCGA], wait=True)
+    store = FeatureStore(job.out)
+    holder = _hold_claim(store, "tiny-aperio")
+    out: dict = {}
+    runner = threading.Thread(target=lambda: out.update(summary=run_extract(job, encoder=encoder)))
+    try:
+        runner.start()
+        deadline = time.time() + 120
+        while store.slide_ids() != ["tcga-cr-7395-01a-01-ts1"] and time.time() < deadline:
+            time.sleep(0.05)
+        time.sleep(1.0)
+        assert runner.is_alive(), "the run ended while a slide was still held"
+    finally:
+        holder.kill()
+        holder.communicate()
+    runner.join(120)
+    assert not runner.is_alive()
+    assert [r.status for r in out["summary"].results] == ["done", "done"]
+    assert store.slide_ids() == ["tcga-cr-7395-01a-01-ts1", "tiny-aperio"]
 
 
 def test_leftovers_of_a_dead_run_are_recovered(tmp_path, encoder):

@@ -107,6 +107,28 @@ def test_write_replaces_existing_slide(tmp_path):
     assert store.slide_ids() == ["s"]
 
 
+def test_a_replaced_slide_is_never_absent(tmp_path, monkeypatch):
+    """Replacing a slide swaps old and new in one step (renameat2 RENAME_EXCHANGE on Linux):
+    a reader at any moment of the commit finds the old or the new slide."""
+    import wsi.store
+
+    store = FeatureStore(tmp_path / "f.zarr")
+    store.write("s", *_arrays(5, 8, seed=1))
+    seen = []
+    real_rename = os.rename
+
+    def rename(src, dst):
+        seen.append(store.is_complete("s"))
+        return real_rename(src, dst)
+
+    monkeypatch.setattr(wsi.store.os, "rename", rename)
+    new = _arrays(7, 8, seed=2)
+    store.write("s", *new)
+    assert all(seen), "the slide was absent while it was replaced"
+    np.testing.assert_array_equal(store.read("s").coords, new[1])
+    assert not [p for p in (store.path / ".staging").iterdir() if p.name.startswith("s-")]  # old copy removed
+
+
 def test_identity_set_match_mismatch_overwrite(tmp_path):
     store = FeatureStore(tmp_path / "f.zarr")
     store.ensure_identity(IDENTITY)
@@ -142,7 +164,11 @@ def test_overwrite_keeps_slides_committed_since_the_run_started(tmp_path):
     store = FeatureStore(tmp_path / "f.zarr")
     ident = {"size": 100, "quick_hash": "abc", "slide_mpp": 0.5}
     store.write("old", *_arrays(3, 4), attrs={"source": ident})
-    started = time.time()
+    time.sleep(0.05)  # past the file system clock's tick
+    mark = tmp_path / "run-started"
+    mark.touch()
+    started = mark.stat().st_mtime  # the run's start by the store's clock, as run_extract takes it
+    time.sleep(0.05)
     store.write("new", *_arrays(3, 4), attrs={"source": ident})
     assert store.slide_attrs("old")["written_at"] < started <= store.slide_attrs("new")["written_at"]
     assert store.check_slide("old", ident, overwrite=True, run_started=started) is False  # from before: redo

@@ -125,6 +125,25 @@ def _fsync(path: str | Path) -> None:
         os.close(fd)
 
 
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``), so
+    that a reader sees either one or the other, never neither; False where unsupported."""
+    import ctypes
+    import errno
+
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EPERM):  # kernel or filesystem without it
+        return False
+    raise OSError(err, os.strerror(err), str(a))
+
+
 def _own_create_time() -> float | None:
     import psutil
 
@@ -257,12 +276,13 @@ class FeatureStore:
         with self._lock():
             root = zarr.open_group(self.path, mode="a")
             current = {k: root.attrs[k] for k in IDENTITY_KEYS if k in root.attrs}
-            self._expected = wanted
             if not current:
                 root.attrs.update(wanted)
+                self._expected = wanted
                 return
             diffs = [k for k in wanted if current.get(k) != wanted[k]]
             if not diffs:
+                self._expected = wanted
                 return
             if not overwrite:
                 detail = "; ".join(f"{k}: store has {current.get(k)!r}, this run has {wanted[k]!r}" for k in diffs)
@@ -274,6 +294,7 @@ class FeatureStore:
                         self.path, ", ".join(diffs), len(self.slide_ids()))
             self._drop_all_slides()
             root.attrs.update(wanted)
+            self._expected = wanted
 
     def save_config(self, config: Mapping[str, Any]) -> None:
         """Keep the resolved run config in the root attrs (``config``)."""
@@ -513,6 +534,7 @@ class FeatureStore:
         self._require_writable()
         if self._expected is None:
             self._expected = _jsonable(self.identity)
+        self._refuse_if_identity_changed(slide_id)  # fail early, not only after all the work
         with contextlib.ExitStack() as stack:
             if slide_id not in self._held:
                 stack.enter_context(self.claim(slide_id))
@@ -551,14 +573,7 @@ class FeatureStore:
         target = self._slide_dir(slide_id)
         _fsync_tree(staging)
         with self._lock():
-            changed = self._identity_changed()
-            if changed:
-                raise StoreError(
-                    f"{self.path}: slide {slide_id!r} was not committed: the store's {changed} changed while "
-                    "it was written (another run replaced the store's contents with --overwrite), so its "
-                    "features belong to the old settings. Fix: rerun with the store's new settings, or "
-                    "write to a new store with --out"
-                )
+            self._refuse_if_identity_changed(slide_id)
             if not held.is_ours():
                 info = _read_claim(held.path) or {}
                 raise StoreError(
@@ -569,20 +584,30 @@ class FeatureStore:
                     "raise claim_ttl if processes may pause that long"
                 )
             old = None
-            if target.exists():
-                old = self.path / ".staging" / f"trash-{uuid.uuid4().hex}"
-                os.rename(target, old)
-            os.rename(staging, target)  # the one atomic step that makes the slide visible
+            if target.exists() and _exchange(staging, target):  # replaced in one step: never absent
+                old = staging  # now holds the replaced slide
+            else:
+                if target.exists():  # no atomic exchange here: absent between the two renames
+                    old = self.path / ".staging" / f"trash-{uuid.uuid4().hex}"
+                    os.rename(target, old)
+                os.rename(staging, target)  # the one atomic step that makes the slide visible
         _fsync(target.parent)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
         log.debug("%s: committed slide %s", self.path, slide_id)
 
-    def _identity_changed(self) -> str:
-        """Names of the identity keys that now differ from the ones this object writes under
-        (set by ``ensure_identity``, else by its first ``writer``); '' if none."""
+    def _refuse_if_identity_changed(self, slide_id: str) -> None:
+        """``StoreError`` if the root identity differs from the one this object writes under (set
+        by ``ensure_identity``, else by its first ``writer``; a store without one checks nothing)."""
         current, expected = self.identity, self._expected or {}
-        return ", ".join(k for k in sorted(expected) if current.get(k) != expected[k])
+        changed = ", ".join(k for k in sorted(expected) if current.get(k) != expected[k])
+        if changed:
+            raise StoreError(
+                f"{self.path}: slide {slide_id!r} was not committed: the store's {changed} changed while "
+                "it was written (another run replaced the store's contents with --overwrite), so its "
+                "features belong to the old settings. Fix: rerun with the store's new settings, or "
+                "write to a new store with --out"
+            )
 
     def delete(self, slide_id: str) -> None:
         """Remove a slide (under its claim)."""
@@ -713,11 +738,13 @@ class SlideWriter:
                 array.resize((self.n, *array.shape[1:]))
         attrs = _jsonable(self.attrs)
         attrs.setdefault("created", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
-        attrs["written_at"] = time.time()  # Unix time: which run wrote it (``check_slide(run_started=)``)
         attrs["n_tiles"] = self.n
         attrs["feature_dim"] = self.dim
         attrs["complete"] = True
         self.group.attrs.update(attrs)
+        # when it was written, by the clock of the store's file system (shared by every host that
+        # writes it): the mtime of the metadata just written (``check_slide(run_started=)``)
+        self.group.attrs["written_at"] = (self.path / "zarr.json").stat().st_mtime
         self.close()
 
     def close(self) -> None:

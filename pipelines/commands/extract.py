@@ -72,6 +72,11 @@ def command(
     overwrite: Annotated[
         bool | None, typer.Option("--overwrite/--no-overwrite", help="replace slides / a store of another identity")
     ] = None,
+    wait: Annotated[
+        bool | None,
+        typer.Option("--wait/--no-wait", help="also wait for slides other processes sharing the store are writing "
+                     "(taking over any whose process dies): the store is complete when this exits"),
+    ] = None,
     skip_corrupt_tiles: Annotated[
         bool | None, typer.Option("--skip-corrupt-tiles/--no-skip-corrupt-tiles", help="drop undecodable patches")
     ] = None,
@@ -83,8 +88,8 @@ def command(
     """Embed every tissue patch of every slide with a patch encoder into a resumable Zarr store.
 
     Complete slides with the same identity are skipped; several processes may share one store.
-    Exit code 1 if any slide failed, 2 for a usage or store-identity error, 3 if every slide is
-    done or skipped but some are still being written by another process (not in the store yet).
+    Exit code 1 if any slide failed, 2 for a usage or store-identity error. Slides another live
+    process is writing are left to it (listed as such) unless --wait.
     """
     from pipelines.config import ExtractJob
 
@@ -95,7 +100,7 @@ def command(
                    "slide_mpp": slide_mpp},
         "stain": {"method": stain, "target": stain_target},
         "batch_size": batch_size, "device": device, "precision": precision, "workers": workers,
-        "reader": reader, "torch_threads": threads, "compile": compile, "overwrite": overwrite,
+        "reader": reader, "torch_threads": threads, "compile": compile, "overwrite": overwrite, "wait": wait,
         "skip_corrupt_tiles": skip_corrupt_tiles,
     }
     job = resolve_config(ExtractJob, config, overrides)
@@ -143,10 +148,9 @@ def run(job) -> None:
     console.print(f"store: {job.out}  ({summary.n_patches} patches)")
     if summary.n_failed:
         raise typer.Exit(1)
-    if summary.n_busy:
+    if summary.n_busy:  # this process's share is done: not an error (e.g. one of several array jobs)
         console.print(
             f"[yellow]{summary.n_busy} slide(s) are still being written by another process sharing this "
-            "store (see their claims in .claims/), so the store is not complete yet. Fix: wait for that "
-            "process, then rerun this command: it skips what is done and takes over what was abandoned"
+            "store (see their claims in .claims/), so the store is not complete yet: pass --wait to wait "
+            "for them, or rerun this command later (it skips what is done and takes over what was abandoned)"
         )
-        raise typer.Exit(3)
