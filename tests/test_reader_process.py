@@ -286,7 +286,8 @@ def test_a_stream_dropped_unread_closes_its_pipe_and_is_forgotten():
         rp.close()
 
 
-def test_a_child_that_cannot_start_leaves_no_descriptor_open(monkeypatch):
+@pytest.mark.parametrize("failing", ["subprocess.Popen", "socket.socketpair"])
+def test_a_child_that_cannot_start_leaves_no_descriptor_open(monkeypatch, failing):
     if not os.path.isdir("/proc/self/fd"):
         pytest.skip("needs /proc/self/fd")
     import gc
@@ -294,10 +295,11 @@ def test_a_child_that_cannot_start_leaves_no_descriptor_open(monkeypatch):
     gc.collect()
     before = len(os.listdir("/proc/self/fd"))
 
-    def no_processes(*args, **kwargs):
-        raise BlockingIOError("Resource temporarily unavailable (fork)")
+    def no_resources(*args, **kwargs):
+        raise BlockingIOError("Resource temporarily unavailable")
 
-    monkeypatch.setattr(reader_process.subprocess, "Popen", no_processes)
+    module, name = failing.split(".")
+    monkeypatch.setattr(getattr(reader_process, module), name, no_resources)
     with pytest.raises(BlockingIOError):
         ReaderProcess()
     assert len(os.listdir("/proc/self/fd")) == before

@@ -104,28 +104,26 @@ class ReaderProcess:
     """
 
     def __init__(self) -> None:
-        req_r, req_w = os.pipe()
-        resp_r, resp_w = os.pipe()
-        self._fds, child_fds = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         root = str(Path(__file__).resolve().parent.parent)
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
         env.setdefault("OMP_NUM_THREADS", "1")
-        fds = (req_r, resp_w, child_fds.fileno())
-        try:
+        with contextlib.ExitStack() as ours, contextlib.ExitStack() as childs:  # childs: closed here in any case
+            req_r, req_w = os.pipe()
+            childs.callback(os.close, req_r)
+            ours.callback(os.close, req_w)
+            resp_r, resp_w = os.pipe()
+            childs.callback(os.close, resp_w)
+            ours.callback(os.close, resp_r)
+            self._fds, child_fds = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+            childs.callback(child_fds.close)
+            ours.callback(self._fds.close)
+            fds = (req_r, resp_w, child_fds.fileno())
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "wsi.reader_process", *map(str, fds)],
                 pass_fds=fds, env=env, stdin=subprocess.DEVNULL, close_fds=True,
             )
-        except BaseException:  # e.g. out of processes: nothing of this reader stays open
-            for fd in (req_w, resp_r):
-                os.close(fd)
-            self._fds.close()
-            raise
-        finally:
-            os.close(req_r)
-            os.close(resp_w)
-            child_fds.close()
+            ours.pop_all()  # started: this side's ends stay open (an error, e.g. out of processes, closed them)
         self.req = Connection(req_w, readable=False)
         self.resp = Connection(resp_r, writable=False)
         self._next_id = 0
