@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
-import itertools
 import logging
 import os
 import socket
@@ -515,7 +514,7 @@ def _run_slides(
     def report(res: SlideResult | None, *, last_pass: bool) -> None:
         if res is not None:
             results[res.path] = res
-            if last_pass or not (res.status == "skipped" and res.extra.get("busy")):
+            if last_pass or not res.held_elsewhere:
                 progress.slide_finished(res)
 
     def run_pass(consumer: _Consumer, *, last_pass: bool) -> None:
@@ -528,19 +527,21 @@ def _run_slides(
             report(res, last_pass=last_pass)
 
     try:
+        def held_elsewhere() -> list[Path]:
+            return [p for p in paths if str(p) in results and results[str(p)].held_elsewhere]
+
         run_pass(consumer, last_pass=False)
         # slides another process held: they may be done now, or free again if that process failed;
-        # once more, or (job.wait) until none is held any more
-        for again in itertools.count():
-            busy = [p for p in paths if results.get(str(p)) is not None and results[str(p)].extra.get("busy")]
-            if not busy or (again and not job.wait):
-                break
-            if again:
-                log.info("waiting for %d slides other processes are writing", len(busy))
-                time.sleep(WAIT_POLL_S)
-            producer.paths = busy
+        # looked at once more, or (job.wait) until none is held any more
+        held = held_elsewhere()
+        while held:
+            producer.paths = held
             consumer = _Consumer(store, embedder, normalizer if on_gpu else None, progress)
             run_pass(consumer, last_pass=not job.wait)
+            held = held_elsewhere() if job.wait else []
+            if held:
+                log.info("waiting for %d slides other processes are writing", len(held))
+                time.sleep(WAIT_POLL_S)
     except BaseException as err:
         if events is not None:
             with contextlib.suppress(BaseException):  # a second Ctrl-C: the cleanup below still runs

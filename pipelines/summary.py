@@ -24,6 +24,11 @@ class SlideResult:
     error_type: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def held_elsewhere(self) -> bool:
+        """Skipped because another live process held its claim (not in the output yet)."""
+        return self.status == "skipped" and bool(self.extra.get("busy"))
+
     @classmethod
     def failed(cls, slide_id: str, path: str | Path, err: BaseException, seconds: float = 0.0) -> SlideResult:
         return cls(slide_id, str(path), "failed", seconds=seconds, reason=str(err), error_type=type(err).__name__)
@@ -48,7 +53,7 @@ class RunSummary:
     @property
     def n_busy(self) -> int:
         """Slides left to another live process that held their claim (not in the output yet)."""
-        return sum(r.status == "skipped" and bool(r.extra.get("busy")) for r in self.results)
+        return sum(r.held_elsewhere for r in self.results)
 
     @property
     def n_patches(self) -> int:

@@ -271,8 +271,7 @@ class _Layout:
 
 
 def _drop_stream(rp: ReaderProcess, rid: int, free_w: int) -> None:
-    rp._live.discard(rid)
-    rp._inbox.pop(rid, None)
+    rp._forget(rid, cancel=False)  # no message from a finalizer: the closed pipe ends the read in the child
     os.close(free_w)
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import json
 import logging
 import math
@@ -125,15 +126,25 @@ def _fsync(path: str | Path) -> None:
         os.close(fd)
 
 
+@functools.cache
+def _renameat2() -> Any:
+    """libc's ``renameat2`` (glibc ≥ 2.28), or None."""
+    import ctypes
+
+    try:
+        return ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):
+        return None
+
+
 def _exchange(a: Path, b: Path) -> bool:
     """Swap two existing paths in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``), so
     that a reader sees either one or the other, never neither; False where unsupported."""
     import ctypes
     import errno
 
-    try:
-        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
-    except (AttributeError, OSError):
+    renameat2 = _renameat2()
+    if renameat2 is None:
         return False
     at_fdcwd, rename_exchange = -100, 2
     if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
@@ -584,10 +595,11 @@ class FeatureStore:
                     "raise claim_ttl if processes may pause that long"
                 )
             old = None
-            if target.exists() and _exchange(staging, target):  # replaced in one step: never absent
+            replacing = target.exists()
+            if replacing and _exchange(staging, target):  # replaced in one step: never absent
                 old = staging  # now holds the replaced slide
             else:
-                if target.exists():  # no atomic exchange here: absent between the two renames
+                if replacing:  # no atomic exchange here: absent between the two renames
                     old = self.path / ".staging" / f"trash-{uuid.uuid4().hex}"
                     os.rename(target, old)
                 os.rename(staging, target)  # the one atomic step that makes the slide visible
