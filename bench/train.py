@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import psutil
 import torch
 from torch.nn import functional as F
@@ -36,10 +37,11 @@ from torch.nn import functional as F
 from models.mil import create_mil
 from pipelines.config import TrainJob
 from pipelines.splits import Fold
+from pipelines.tasks import create_task
 from pipelines.train import (
-    Cohort,
     as_tensors,
     batch_token_budget,
+    build_cohort,
     standardization_stats,
     train_fold,
 )
@@ -111,7 +113,8 @@ def slidepipe_job(model_name, kw, epochs, lr, batch_size, device, max_batch_toke
 
 def slidepipe_epochs(bags, ids, labels, job: TrainJob, run_dir) -> list[tuple[float, float]]:
     fold = bench_fold(ids)
-    cohort = Cohort(list(ids), list(ids), labels, ["0", "1"])
+    table = pd.DataFrame({"slide_id": list(ids), "patient_id": list(ids), "label": np.asarray(labels).astype(str)})
+    cohort = build_cohort(table, list(ids), task=create_task(job))
     res = train_fold(bags, fold, cohort, job, run_dir)
     return [(r["train_seconds"], r["data_wait_seconds"]) for r in res.log]
 

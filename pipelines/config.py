@@ -133,7 +133,28 @@ class TrainJob(_Model):
     out: Path = Path("run")
     model: str = "abmil"
     model_kwargs: dict[str, Any] = Field(default_factory=dict)
-    target: str = "label"
+    task: Literal["classification", "regression", "survival"] = Field(
+        "classification", description="study design: classification (one or several label columns), "
+        "regression (numeric columns) or survival (time and event columns)",
+    )
+    target: str | list[str] = Field(
+        "label", description="label column(s) to predict (classification, regression); several are "
+        "trained jointly, a missing value is masked out of its own target's loss only",
+    )
+    time: str = Field("time", description="survival: column of follow-up times")
+    event: str = Field("event", description="survival: column of events (1 = event, 0 = censored)")
+    loss: str | None = Field(
+        None, description="the task's loss: classification cross_entropy; regression mse (default) or "
+        "huber; survival cox (default, Breslow ties) or discrete (time bins)",
+    )
+    bins: int = Field(4, ge=2, description="survival with loss: discrete — quantile bins of event times")
+    features: dict[str, Any] | None = Field(
+        None, description="written by train: identity of the training store's features (encoder, weights, "
+        "dim, patch size, mpp); predict and heatmap refuse other features",
+    )
+    level: Literal["slide", "patient"] = Field(
+        "slide", description="slide: one bag per slide; patient: all slides of a patient pooled in one bag",
+    )
     folds: int = Field(5, ge=2)
     repeats: int = Field(1, ge=1)
     test_frac: float = Field(0.0, ge=0, lt=1, description="held-out test share (0: none)")
@@ -165,6 +186,25 @@ class TrainJob(_Model):
         False, description="also write TensorBoard scalars to <out>/tensorboard/<fold> (needs tensorboard)"
     )
     cluster: ClusterConfig | None = None
+
+    @field_validator("target", mode="before")
+    @classmethod
+    def _one_target_as_text(cls, value: Any) -> Any:
+        if isinstance(value, (list, tuple)) and len(value) == 1:
+            return value[0]
+        return value
+
+    @property
+    def targets(self) -> list[str]:
+        """The label columns the task reads (survival: time and event)."""
+        if self.task == "survival":
+            return [self.time, self.event]
+        return [self.target] if isinstance(self.target, str) else list(self.target)
+
+    @property
+    def target_name(self) -> str:
+        """The targets as one short text (titles, logs)."""
+        return ", ".join(self.targets)
 
     @field_validator("max_batch_tokens", mode="before")
     @classmethod

@@ -21,8 +21,8 @@ import torch
 from PIL import Image
 from scipy.stats import rankdata
 
+from models.mil.checkpoint import load_checkpoint
 from pipelines.config import HeatmapJob, save_resolved_config
-from pipelines.train import load_checkpoint
 from wsi.errors import StoreError
 from wsi.store import FeatureStore
 

@@ -57,14 +57,23 @@ def attention_pool(weights: torch.Tensor, h: torch.Tensor, mask: torch.Tensor) -
 
 
 class MILHead(nn.Module):
-    """Base class: checks inputs and fills a default all-True mask."""
+    """Base class: checks inputs and fills a default all-True mask.
+
+    ``n_classes`` is the number of outputs: class logits for classification, but also one output
+    (a Cox risk, a regressed value) or several groups of outputs (multi-target, discrete-time
+    survival bins); ``n_outputs`` is the same number under its general name.
+    """
 
     def __init__(self, in_dim: int, n_classes: int) -> None:
         super().__init__()
-        if in_dim < 1 or n_classes < 2:
-            raise ValueError(f"need in_dim >= 1 and n_classes >= 2, got {in_dim=}, {n_classes=}")
+        if in_dim < 1 or n_classes < 1:
+            raise ValueError(f"need in_dim >= 1 and n_classes (outputs) >= 1, got {in_dim=}, {n_classes=}")
         self.in_dim = in_dim
         self.n_classes = n_classes
+
+    @property
+    def n_outputs(self) -> int:
+        return self.n_classes
 
     def forward(
         self, x: torch.Tensor, mask: torch.Tensor | None = None, *, labels: torch.Tensor | None = None
