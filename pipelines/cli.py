@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import typer
 
-from pipelines.commands import demo, export, extract, heatmap, info, tile, train
+from pipelines.commands import demo, export, extract, heatmap, info, predict, tile, train
 
 app = typer.Typer(
     name="slidepipe",
@@ -22,6 +22,7 @@ app.command("info")(info.command)
 app.command("tile")(tile.command)
 app.command("extract")(extract.command)
 app.command("train")(train.command)
+app.command("predict")(predict.command)
 app.command("heatmap")(heatmap.command)
 app.command("export-h5")(export.command)
 app.command("demo")(demo.command)

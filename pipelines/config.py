@@ -148,6 +148,8 @@ class TrainJob(_Model):
         "huber; survival cox (default, Breslow ties) or discrete (time bins)",
     )
     bins: int = Field(4, ge=2, description="survival with loss: discrete — quantile bins of event times")
+    report: bool = Field(True, description="write report.html (pooled out-of-fold metrics with CIs, plots)")
+    n_boot: int = Field(200, ge=0, description="bootstrap replicates of the report's CIs over patients")
     features: dict[str, Any] | None = Field(
         None, description="written by train: identity of the training store's features (encoder, weights, "
         "dim, patch size, mpp); predict and heatmap refuse other features",
@@ -234,6 +236,21 @@ class HeatmapJob(_Model):
     slide_mpp: float | None = Field(None, gt=0)
 
 
+class PredictJob(_Model):
+    """``slidepipe predict``."""
+
+    run: Path | None = Field(None, description="run directory of `slidepipe train`")
+    store: Path | None = Field(None, description="feature store of the cohort to score")
+    labels: Path | None = Field(None, description="label table: metrics with bootstrap CIs when given")
+    out: Path = Path("predictions")
+    slides: list[str] = Field(default_factory=list, description="score only these slide ids (default: all)")
+    folds: list[int] = Field(default_factory=list, description="use only these folds' checkpoints (default: all)")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    n_boot: int = Field(1000, ge=0, description="bootstrap replicates (resampling patients) for the CIs")
+    seed: int = 0
+    heatmaps: int = Field(0, ge=0, description="attention heatmaps of the K highest- and K lowest-scoring slides")
+
+
 class ExportJob(_Model):
     """``slidepipe export-h5``."""
 
@@ -251,12 +268,17 @@ class DemoJob(_Model):
     folds: int = Field(5, ge=2)
     seed: int = 0
     workers: int = Field(2, ge=1)
+    task: Literal["classification", "regression", "survival"] = Field(
+        "classification", description="what the generated cohort's labels are: classes (lesions or not), a "
+        "value (driven by the number of lesions) or survival (hazard driven by the number of lesions)",
+    )
 
 
 JOBS: dict[str, type[_Model]] = {
     "tile": TileJob,
     "extract": ExtractJob,
     "train": TrainJob,
+    "predict": PredictJob,
     "heatmap": HeatmapJob,
     "export-h5": ExportJob,
     "demo": DemoJob,

@@ -53,11 +53,33 @@ def _make_one(args: tuple[Path, int, int]) -> dict[str, Any]:
     return {"lesions": [[les.x, les.y, les.radius] for les in s.lesions]}
 
 
-def make_cohort(folder: Path, n_slides: int, *, seed: int = 0, workers: int = 2) -> pd.DataFrame:
-    """Write ``n_slides`` synthetic slides (half positive) and ``cohort.csv``; reuse a matching cohort."""
+TASK_COLUMNS = {"classification": ["label"], "regression": ["score"], "survival": ["time", "event"]}
+
+
+def _planted_labels(task: str, n_lesions: int, rng: np.random.Generator) -> dict[str, Any]:
+    """Regression: ``score`` = lesions + noise; survival: an exponential event time whose hazard
+    grows with the lesions (x e^1.6 per lesion), censored uniformly."""
+    if task == "regression":
+        return {"score": round(n_lesions + float(rng.normal(0, 0.3)), 3)}
+    if task == "survival":
+        t_event = float(rng.exponential(60.0 / np.exp(1.6 * n_lesions)))
+        t_cens = float(rng.uniform(20, 150))
+        return {"time": round(min(t_event, t_cens), 2), "event": int(t_event <= t_cens)}
+    return {}
+
+
+def make_cohort(folder: Path, n_slides: int, *, seed: int = 0, workers: int = 2,
+                task: str = "classification") -> pd.DataFrame:  # fmt: skip
+    """Write ``n_slides`` synthetic slides and ``cohort.json``; reuse a matching cohort.
+
+    Classification: half the slides are positive (1-3 lesions), half negative (none). Regression
+    and survival: every slide has 0-3 lesions, and the lesion count drives the value or hazard.
+    """
     folder.mkdir(parents=True, exist_ok=True)
     manifest = folder / "cohort.json"
     params = {"n_slides": n_slides, "seed": seed, "size": SLIDE_SIZE, "mpp": SLIDE_MPP, "version": 1}
+    if task != "classification":
+        params["task"] = task
     if manifest.exists():
         saved = json.loads(manifest.read_text())
         if saved.get("params") == json.loads(json.dumps(params)):
@@ -68,8 +90,13 @@ def make_cohort(folder: Path, n_slides: int, *, seed: int = 0, workers: int = 2)
     rows, jobs = [], []
     for i, label in enumerate(labels):
         sid = f"demo-{i:03d}"
-        n_les = int(rng.integers(1, 4)) if label == "positive" else 0
-        rows.append({"slide_id": sid, "patient_id": f"patient-{i:03d}", "label": label})
+        if task == "classification":
+            n_les = int(rng.integers(1, 4)) if label == "positive" else 0
+        else:
+            n_les = int(rng.integers(0, 4))
+            label = "positive" if n_les else "negative"
+        rows.append({"slide_id": sid, "patient_id": f"patient-{i:03d}", "label": label,
+                     **_planted_labels(task, n_les, rng)})  # fmt: skip
         jobs.append((folder / f"{sid}.svs", seed * 1000 + i, n_les))
     with ProcessPoolExecutor(max_workers=max(1, workers)) as pool:
         truth = list(pool.map(_make_one, jobs))
@@ -89,6 +116,23 @@ def _lesion_attention(csv_path: Path, lesions: list[list[int]], patch: int) -> t
     inside = lesion_mask(centres, [Lesion(*les) for les in lesions])
     a = att["attention"].to_numpy()
     return a[inside], a[~inside]
+
+
+def _task_plots_html(res, run_dir: Path) -> str:
+    """The task's plots of the pooled out-of-fold predictions (KM, predicted vs observed) as HTML."""
+    import base64
+
+    from pipelines.report import task_plots
+    from pipelines.train import load_cohort, out_of_fold
+    from wsi.store import FeatureStore
+
+    if res.task == "classification":
+        return ""  # the ROC curve is already on the page
+    cohort, _ = load_cohort(FeatureStore(res.config.store, mode="r"), res.config.labels, res.config)
+    _, y, pred, fold = out_of_fold(cohort, res.predictions)
+    imgs = "".join(f"<img src='data:image/png;base64,{base64.b64encode(png).decode()}' width='420' alt='{name}'>"
+                   for name, png in task_plots(cohort.task, y, pred, fold).items())  # fmt: skip
+    return f"<h2>{res.task.capitalize()}: out-of-fold predictions</h2><div class='grid'>{imgs}</div>"
 
 
 def run_demo(job: DemoJob, *, echo=print) -> DemoResult:
@@ -113,8 +157,8 @@ def run_demo(job: DemoJob, *, echo=print) -> DemoResult:
 
     echo(f"slidepipe demo → {out}")
     t0 = time.perf_counter()
-    cohort = make_cohort(out / "slides", job.slides, seed=job.seed, workers=job.workers)
-    cohort[["slide_id", "patient_id", "label"]].to_csv(out / "labels.csv", index=False)
+    cohort = make_cohort(out / "slides", job.slides, seed=job.seed, workers=job.workers, task=job.task)
+    cohort[["slide_id", "patient_id", *TASK_COLUMNS[job.task]]].to_csv(out / "labels.csv", index=False)
     stage("generate cohort", t0, len(cohort), "slides")
 
     t0 = time.perf_counter()
@@ -136,9 +180,11 @@ def run_demo(job: DemoJob, *, echo=print) -> DemoResult:
     stage("read + embed patches", t0, n_patches if any(r.status == "done" for r in ex.results) else None, "patches")
 
     t0 = time.perf_counter()
-    res = train_mil(out / "features.zarr", out / "labels.csv", model="abmil", folds=job.folds,
-                    out=out / "run", seed=job.seed, epochs=40, patience=10, lr=5e-4, batch_size=8)  # fmt: skip
-    stage(f"train ABMIL ({job.folds}-fold CV)", t0, job.folds, "folds")
+    target = {"regression": "score"}.get(job.task, "label")
+    res = train_mil(out / "features.zarr", out / "labels.csv", model="abmil", folds=job.folds, task=job.task,
+                    target=target, out=out / "run", seed=job.seed, epochs=40, patience=10, lr=5e-4,
+                    batch_size=8 if job.task != "survival" else 16)  # fmt: skip
+    stage(f"train ABMIL, {job.task} ({job.folds}-fold CV)", t0, job.folds, "folds")
 
     t0 = time.perf_counter()
     heatmaps: dict[str, Path] = {}
@@ -148,7 +194,7 @@ def run_demo(job: DemoJob, *, echo=print) -> DemoResult:
         hm = heatmap_slide(out / "run", out / "features.zarr", out / "slides" / f"{row.slide_id}.svs",
                            out / "heatmaps", thumb_mpp=4.0)  # fmt: skip
         heatmaps[row.slide_id] = hm.png
-        if row.label == "positive":
+        if row.n_lesions > 0:
             a_in, a_out = _lesion_attention(hm.csv, json.loads(row.lesions), tiling.patch_size)
             inside.append(a_in)
             outside.append(a_out)
@@ -156,11 +202,15 @@ def run_demo(job: DemoJob, *, echo=print) -> DemoResult:
     att_in = float(np.mean(np.concatenate(inside))) if inside else None
     att_out = float(np.mean(np.concatenate(outside))) if outside else None
 
-    auc = res.summary.get("auc", {})
+    metric = {"classification": ("auc", "AUC"), "regression": ("pearson_r", "Pearson r"),
+              "survival": ("c_index", "C-index")}[job.task]  # fmt: skip
+    main = res.summary.get(metric[0], {})
     patches_per_slide = cohort["slide_id"].map({r.slide_id: r.n_patches for r in ex.results})
-    table = cohort.assign(patches=patches_per_slide)[["slide_id", "patient_id", "label", "n_lesions", "patches"]]
+    extra_cols = [c for c in TASK_COLUMNS[job.task] if c != "label"]
+    table = cohort.assign(patches=patches_per_slide)[["slide_id", "patient_id", "label", *extra_cols, "n_lesions",
+                                                     "patches"]]  # fmt: skip
     folds = pd.DataFrame(res.folds)
-    keep = [c for c in ("repeat", "fold", "auc", "accuracy", "balanced_accuracy", "f1", "epochs", "best_epoch") if c in folds]
+    keep = [c for c in ("repeat", "fold", *res.summary, "epochs", "best_epoch") if c in folds]
     random_note = (
         f"The encoder '{job.encoder}' has RANDOM weights (weights='{job.weights}'): features are random "
         "projections of the pixels, good enough to separate these synthetic classes, not real tissue. "
@@ -170,12 +220,15 @@ def run_demo(job: DemoJob, *, echo=print) -> DemoResult:
     report = write_report(
         out / "report.html",
         title="slidepipe demo",
-        subtitle=f"{len(cohort)} generated slides (pyramidal JPEG TIFF, {SLIDE_MPP} µm/px), "
-        f"two classes: 'positive' slides carry 1-3 dense nuclear clusters; encoder {job.encoder}.",
+        subtitle=f"{len(cohort)} generated slides (pyramidal JPEG TIFF, {SLIDE_MPP} µm/px); " + {
+            "classification": "two classes: 'positive' slides carry 1-3 dense nuclear clusters",
+            "regression": "each slide carries 0-3 dense nuclear clusters; the score to regress is their count + noise",
+            "survival": "each slide carries 0-3 dense nuclear clusters; each one multiplies the hazard by e^1.6",
+        }[job.task] + f"; encoder {job.encoder}.",
         kpis={
             "slides": str(len(cohort)),
             "patches": f"{n_patches:,}",
-            "AUC (mean ± sd)": f"{auc.get('mean', float('nan')):.3f} ± {auc.get('std', float('nan')):.3f}",
+            f"{metric[1]} (mean ± sd)": f"{main.get('mean', float('nan')):.3f} ± {main.get('std', float('nan')):.3f}",
             "attention in clusters / elsewhere": (
                 f"{att_in / att_out:.1f}×" if att_in and att_out else "n/a"
             ),
@@ -188,13 +241,18 @@ def run_demo(job: DemoJob, *, echo=print) -> DemoResult:
         summary=res.summary,
         predictions=res.predictions,
         stages=stage_table(stages),
+        extra_html=_task_plots_html(res, out / "run"),
         commands=[
             "# 1. tissue + patch grid (overlays, GeoJSON for QuPath, CLAM/TRIDENT coords h5)",
             "slidepipe tile /path/to/slides --out tiles --mpp 0.5 --size 224",
             "# 2. features with a pathology foundation model (local weights file)",
             "slidepipe extract /path/to/slides --out features.zarr --encoder ctranspath --weights ctranspath.pth --mpp 0.5 --size 224",
             "# 3. labels.csv: slide_id,patient_id,label — then cross-validated ABMIL",
-            f"slidepipe train --store features.zarr --labels labels.csv --model abmil --folds {job.folds} --out run",
+            f"slidepipe train --store features.zarr --labels labels.csv --model abmil --folds {job.folds} --out run"
+            + {"classification": "", "regression": " --task regression --target score",
+               "survival": " --task survival --time time --event event"}[job.task],
+            "# 3b. apply the run to an external cohort: metrics with bootstrap CIs",
+            "slidepipe predict --run run --store other.zarr --labels other.csv --out predictions",
             "# 4. attention heatmap of one slide",
             "slidepipe heatmap --run run --store features.zarr --slide /path/to/slides/SLIDE.svs --out heatmaps",
             "# this demo again:",

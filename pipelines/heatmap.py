@@ -21,7 +21,6 @@ import torch
 from PIL import Image
 from scipy.stats import rankdata
 
-from models.mil.checkpoint import load_checkpoint
 from pipelines.config import HeatmapJob, save_resolved_config
 from wsi.errors import StoreError
 from wsi.store import FeatureStore
@@ -47,16 +46,12 @@ class HeatmapResult:
 
 def run_checkpoints(run_dir: str | Path, fold: int | None = None) -> list[Path]:
     """The fold checkpoints of a training run (one fold if ``fold`` is given)."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise HeatmapError(f"{run_dir}: run directory not found. Fix: pass the --out of `slidepipe train`")
-    paths = sorted(run_dir.glob("*fold*.pt"))
-    if fold is not None:
-        paths = [p for p in paths if p.stem == f"fold{fold}"]
-    if not paths:
-        what = f"checkpoint fold{fold}.pt" if fold is not None else "fold checkpoints (*.pt)"
-        raise HeatmapError(f"{run_dir}: no {what}. Fix: check --run and --fold")
-    return paths
+    from pipelines.predict import PredictError, fold_checkpoints
+
+    try:
+        return fold_checkpoints(run_dir, None if fold is None else [fold])
+    except PredictError as err:
+        raise HeatmapError(str(err)) from err
 
 
 def patch_size_level0(attrs: dict[str, Any], coords: np.ndarray) -> int:
@@ -73,33 +68,34 @@ def patch_size_level0(attrs: dict[str, Any], coords: np.ndarray) -> int:
 
 
 def slide_attention(
-    checkpoints: Sequence[Path], features: np.ndarray, *, device: str = "cpu"
+    models: Sequence[Any], features: np.ndarray, *, device: str = "cpu"
 ) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Per-patch attention ``(N,)`` and class probabilities ``(C,)``, averaged over checkpoints."""
+    """Per-patch attention ``(N,)`` and the prediction ``(m,)`` (class probabilities, a value or a
+    risk) with its column names, averaged over the fold models (``pipelines.predict.FoldModel``)."""
     bag = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float16))
     att_sum = np.zeros(len(bag), dtype=np.float64)
-    prob_sum = None
-    classes: list[str] = []
-    for path in checkpoints:
-        model, ckpt = load_checkpoint(path, device)
+    pred_sum = None
+    for fm in models:
+        ckpt = fm.ckpt
         if ckpt["in_dim"] != bag.shape[1]:
             raise HeatmapError(
-                f"{path}: model expects {ckpt['in_dim']}-d features, the store has {bag.shape[1]}-d. "
+                f"{fm.name}.pt: model expects {ckpt['in_dim']}-d features, the store has {bag.shape[1]}-d. "
                 "Fix: use the store the run was trained on"
             )
-        classes = ckpt["classes"]
         mean, std = ckpt["mean"], ckpt["std"]
         with torch.no_grad():
             x = bag.float()
             if mean is not None:
                 x = (x - mean) / std
-            out = model(x[None].to(device))
+            out = fm.model(x[None].to(device))
         if out.attention is None:
-            raise HeatmapError(f"{path}: MIL head {ckpt['model']!r} has no per-instance attention")
+            raise HeatmapError(f"{fm.name}.pt: MIL head {ckpt['model']!r} has no per-instance attention")
         att_sum += out.attention[0].double().cpu().numpy()
-        probs = torch.softmax(out.logits[0].float(), 0).cpu().numpy()
-        prob_sum = probs if prob_sum is None else prob_sum + probs
-    return att_sum / len(checkpoints), prob_sum / len(checkpoints), classes
+        pred = fm.task.predict(out.logits.float().cpu())[0]
+        pred_sum = pred if pred_sum is None else pred_sum + pred
+    task = models[0].task
+    names = [c[len("prob_"):] if c.startswith("prob_") else c for c in task.prediction_columns]
+    return att_sum / len(models), pred_sum / len(models), names
 
 
 def percentile(values: np.ndarray) -> np.ndarray:
@@ -195,8 +191,16 @@ def heatmap_slide(
     feats = fs.read(slide_id)
     if len(feats) == 0:
         raise HeatmapError(f"{slide}: the slide has no patches in {fs.path}; nothing to draw")
-    checkpoints = run_checkpoints(run, fold)
-    attention, probs, classes = slide_attention(checkpoints, feats.features, device=device)
+    from pipelines.features import check_features, features_identity
+    from pipelines.predict import PredictError, load_fold_models
+
+    try:
+        models = load_fold_models(run, folds=None if fold is None else [fold], device=device)
+    except PredictError as err:
+        raise HeatmapError(str(err)) from err
+    check_features(models[0].features, features_identity(fs, dim=int(feats.features.shape[1])),
+                   model=f"run {run}", store=str(fs.path))  # fmt: skip
+    attention, probs, classes = slide_attention(models, feats.features, device=device)
     pct = percentile(attention)
     size = patch_size_level0(feats.attrs, feats.coords)
     csv_path = out / f"{slide_id}_attention.csv"
@@ -216,7 +220,8 @@ def heatmap_slide(
     result = HeatmapResult(slide_id, len(feats), csv_path, geojson, png,
                            {c: float(p) for c, p in zip(classes, probs, strict=True)})  # fmt: skip
     (out / f"{slide_id}_prediction.json").write_text(
-        json.dumps({"slide_id": slide_id, "probs": result.probs, "checkpoints": [p.name for p in checkpoints]}, indent=1)
+        json.dumps({"slide_id": slide_id, "probs": result.probs, "checkpoints": [f"{m.name}.pt" for m in models]},
+                   indent=1)
     )
     log.info("%s: %d patches, heatmap %dx%d px -> %s", slide_id, len(feats), thumb.shape[1], thumb.shape[0], png)
     return result

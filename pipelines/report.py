@@ -1,4 +1,9 @@
-"""A self-contained HTML report (images inlined as base64) for a demo or training run."""
+"""Self-contained HTML reports (images inlined) for the demo, training runs and predictions.
+
+``write_report`` is the demo's page; ``write_task_report`` the page of ``train`` and ``predict``
+for every task (metrics with confidence intervals, the fold table, the task's plots from
+``pipelines.plots``, heatmaps). Heatmaps are embedded as JPEG at twice their display width, so a
+report stays small however many slides it shows."""
 
 from __future__ import annotations
 
@@ -12,43 +17,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from pipelines.plots import calibration_png, km_png, roc_png, scatter_png
+
 
 def _img_tag(path: str | Path | None, *, width: int = 260, alt: str = "") -> str:
     if path is None or not Path(path).exists():
         return "<em>n/a</em>"
     data = base64.b64encode(Path(path).read_bytes()).decode()
     return f'<img src="data:image/png;base64,{data}" width="{width}" alt="{html.escape(alt)}">'
-
-
-def roc_png(y_true: np.ndarray, y_score: np.ndarray, fold: np.ndarray | None = None) -> bytes:
-    """ROC curve(s) as PNG bytes: one line per fold (thin) and the pooled curve (thick)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from sklearn.metrics import roc_auc_score, roc_curve
-
-    fig, ax = plt.subplots(figsize=(4.2, 4.2), dpi=110)
-    if fold is not None:
-        for k in np.unique(fold):
-            sel = fold == k
-            if len(np.unique(y_true[sel])) == 2:
-                fpr, tpr, _ = roc_curve(y_true[sel], y_score[sel])
-                ax.plot(fpr, tpr, lw=1, alpha=0.45, label=f"fold {k}")
-    if len(np.unique(y_true)) == 2:
-        fpr, tpr, _ = roc_curve(y_true, y_score)
-        auc = roc_auc_score(y_true, y_score)
-        ax.plot(fpr, tpr, lw=2.5, color="black", label=f"pooled AUC {auc:.3f}")
-    ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=1)
-    ax.set_xlabel("false positive rate")
-    ax.set_ylabel("true positive rate")
-    ax.set_title("ROC (out-of-fold predictions)")
-    ax.legend(loc="lower right", fontsize=7)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return buf.getvalue()
 
 
 def _table(df: pd.DataFrame) -> str:
@@ -98,8 +74,8 @@ def write_report(
         [{"metric": m, "mean": v["mean"], "std": v["std"]} for m, v in summary.items()]
     )
     parts.append("<h2>Cross-validated metrics</h2><div class='grid'><div>" + _table(summ) + "<br>" + _table(fold_metrics) + "</div>")
-    if predictions is not None and len(predictions):
-        prob_cols = [c for c in predictions.columns if c.startswith("prob_")]
+    prob_cols = [] if predictions is None else [c for c in predictions.columns if c.startswith("prob_")]
+    if predictions is not None and len(predictions) and prob_cols:
         score = predictions[prob_cols[-1]].to_numpy()
         y = predictions["label"].to_numpy()
         classes = [c[len("prob_") :] for c in prob_cols]
@@ -143,3 +119,111 @@ def stage_table(stages: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
             }
         )
     return pd.DataFrame(rows)
+
+
+# --------------------------------------------------------------------------- task reports
+def _jpeg_tag(path: str | Path, *, width: int = 300, alt: str = "") -> str:
+    """An image file as an inline JPEG at twice ``width`` (a few tens of kB instead of a full PNG)."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        im = im.convert("RGB")
+        if im.width > 2 * width:
+            im = im.resize((2 * width, max(1, round(im.height * 2 * width / im.width))), Image.LANCZOS)
+        buf = io.BytesIO()
+        im.save(buf, format="JPEG", quality=82)
+    data = base64.b64encode(buf.getvalue()).decode()
+    return f'<img src="data:image/jpeg;base64,{data}" width="{width}" alt="{html.escape(alt)}">'
+
+
+def task_plots(task: Any, y: np.ndarray, pred: np.ndarray, fold: np.ndarray | None = None) -> dict[str, bytes]:
+    """The task's plots as PNG bytes: ROC and calibration per binary target, predicted vs observed
+    per regression target, Kaplan-Meier of the median risk split for survival."""
+    known = ~np.all(np.isnan(y), axis=1)
+    y, pred = y[known], pred[known]
+    fold = None if fold is None else np.asarray(fold)[known]
+    plots: dict[str, bytes] = {}
+    if task.name == "survival":
+        plots["km"] = km_png(y[:, 0], y[:, 1], pred[:, 0])
+        return plots
+    multi = len(task.columns) > 1
+    for j, col in enumerate(task.columns):
+        suffix = f"_{col}" if multi else ""
+        ok = ~np.isnan(y[:, j])
+        if task.name == "regression":
+            plots[f"scatter{suffix}"] = scatter_png(y[ok, j], pred[ok, j], target=col)
+            continue
+        start = sum(len(c) for c in task.classes[:j])
+        classes = task.classes[j]
+        if len(classes) == 2:
+            yb, prob = (y[ok, j] == 1).astype(int), pred[ok, start + 1]
+            plots[f"roc{suffix}"] = roc_png(yb, prob, None if fold is None else fold[ok],
+                                            title=f"ROC: {col} = {classes[1]}")  # fmt: skip
+            plots[f"calibration{suffix}"] = calibration_png(yb, prob, title=f"Calibration: {col} = {classes[1]}")
+    return plots
+
+
+def _metrics_table(metrics: Mapping[str, Mapping[str, Any]] | None) -> str:
+    if not metrics:
+        return "<p><em>no labels: no metrics</em></p>"
+    rows = []
+    for name, m in metrics.items():
+        ci = m.get("ci95")
+        value = m.get("value")
+        rows.append({"metric": name, "value": "n/a" if value is None or value != value else (
+            f"{value:.3f}" if isinstance(value, float) else str(value)),
+            "95% CI": "" if not ci or ci[0] is None else f"[{ci[0]:.3f}, {ci[1]:.3f}]"})  # fmt: skip
+    return _table(pd.DataFrame(rows))
+
+
+def write_task_report(
+    path: str | Path,
+    *,
+    title: str,
+    subtitle: str,
+    task: Any,
+    metrics: Mapping[str, Mapping[str, Any]] | None,
+    predictions: pd.DataFrame,
+    plots: Mapping[str, bytes],
+    heatmaps: Mapping[str, Path] | None = None,
+    fold_metrics: pd.DataFrame | None = None,
+    summary: Mapping[str, Mapping[str, Any]] | None = None,
+    notes: Sequence[str] = (),
+    commands: Sequence[str] = (),
+) -> Path:
+    """The report of a training run or a prediction: metrics with CIs, the fold table (mean ± sd),
+    the task's plots, heatmaps and the first rows of the predictions; written aside and renamed."""
+    path = Path(path)
+    parts = [
+        "<!doctype html><html><head><meta charset='utf-8'>",
+        f"<title>{html.escape(title)}</title><style>{CSS}</style></head><body>",
+        f"<h1>{html.escape(title)}</h1><p class='sub'>{html.escape(subtitle)}</p>",
+    ]
+    parts += [f"<p class='warn'>{html.escape(n)}</p>" for n in notes]
+    parts.append("<h2>Metrics (95 % bootstrap CI over patients)</h2>" + _metrics_table(metrics))
+    if summary:
+        summ = pd.DataFrame([{"metric": k, "mean": v["mean"], "std": v["std"]} for k, v in summary.items()])
+        parts.append("<h2>Cross-validation (mean ± sd over folds)</h2>" + _table(summ))
+    if fold_metrics is not None and len(fold_metrics):
+        parts.append("<h3>Per fold</h3>" + _table(fold_metrics))
+    if plots:
+        imgs = "".join(
+            f"<div class='card'><b>{html.escape(name)}</b><br><img src='data:image/png;base64,"
+            f"{base64.b64encode(png).decode()}' width='380' alt='{html.escape(name)}'></div>"
+            for name, png in plots.items()
+        )
+        parts.append(f"<h2>Plots</h2><div class='grid'>{imgs}</div>")
+    if heatmaps:
+        cards = "".join(f"<div class='card'><b>{html.escape(sid)}</b><br>{_jpeg_tag(p, alt=sid)}</div>"
+                        for sid, p in heatmaps.items())  # fmt: skip
+        parts.append(f"<h2>Attention heatmaps</h2><div class='grid'>{cards}</div>")
+    parts.append(f"<h2>Predictions</h2><p>{len(predictions)} rows (first 50; all in predictions.csv)</p>")
+    parts.append(_table(predictions.head(50)))
+    if commands:
+        parts.append("<h2>Commands</h2><pre>" + html.escape("\n".join(commands)) + "</pre>")
+    parts.append("</body></html>")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("\n".join(parts))
+    tmp.replace(path)
+    return path

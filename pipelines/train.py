@@ -657,8 +657,47 @@ def write_results(
     lines += ["", "Files: config.yaml, labels.csv, splits.json/.csv, <fold>.pt, log.csv, predictions.csv, metrics.json"
               + (", tensorboard/<fold>/ (tensorboard --logdir tensorboard)." if job.tensorboard else ".")]
     (run_dir / "README.md").write_text("\n".join(lines) + "\n")
+    if job.report:
+        write_train_report(cohort, job, run_dir, predictions, fold_metrics, summary)
     return Results(run_dir, cohort.classes, fold_metrics, summary, predictions, splits, job,
                    [Path(r.checkpoint) for r in results], task.name)  # fmt: skip
+
+
+def out_of_fold(cohort: Cohort, predictions: pd.DataFrame) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
+    """Pooled out-of-fold predictions of the first repeat: bag ids, targets, predictions, folds."""
+    task = cohort.task
+    rows = predictions[(predictions["part"] == "test") & (predictions["repeat"] == 0)]
+    key = "patient_id" if cohort.level == "patient" else "slide_id"
+    ids = rows[key].astype(str).tolist()
+    labels = cohort.labels
+    y = np.stack([labels[s] for s in ids]) if ids else np.zeros((0, 1))
+    return ids, y, rows[task.prediction_columns].to_numpy(np.float64), rows["fold"].to_numpy()
+
+
+def write_train_report(cohort: Cohort, job: TrainJob, run_dir: Path, predictions: pd.DataFrame,
+                       fold_metrics: list[dict[str, Any]], summary: dict[str, Any]) -> Path:  # fmt: skip
+    """``report.html`` of a run: pooled out-of-fold metrics with bootstrap CIs over patients, mean ±
+    sd over folds, the per-fold table and the task's plots (``pooled_metrics.json`` too)."""
+    from pipelines.predict import metrics_with_ci
+    from pipelines.report import task_plots, write_task_report
+
+    task = cohort.task
+    ids, y, pred, fold = out_of_fold(cohort, predictions)
+    pooled = None
+    if ids:
+        patients = np.asarray([cohort.patient_of[s] for s in ids])
+        pooled = metrics_with_ci(task, y, pred, patients, n_boot=job.n_boot, seed=job.seed)
+        (run_dir / "pooled_metrics.json").write_text(json.dumps(json_safe(pooled), indent=2))
+    plots = task_plots(task, y, pred, fold) if ids else {}
+    folds = pd.DataFrame(fold_metrics)
+    return write_task_report(
+        run_dir / "report.html", title=f"slidepipe train: {job.model}, {task.name} of {job.target_name}",
+        subtitle=f"{len(cohort.slide_ids)} {cohort.level}s, {len(set(cohort.patients))} patients; {job.folds} folds x "
+        f"{job.repeats} repeat(s); metrics on the pooled out-of-fold predictions of repeat 0",
+        task=task, metrics=pooled, predictions=predictions, plots=plots, fold_metrics=folds, summary=summary,
+        notes=[f"Checkpoint rule: {CHECKPOINT_RULE}."],
+        commands=[f"slidepipe predict --run {run_dir} --store OTHER_COHORT.zarr --labels LABELS.csv --out predictions"],
+    )  # fmt: skip
 
 
 __all__ = [

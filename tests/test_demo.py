@@ -46,3 +46,18 @@ def test_demo_cli_help_lists_options():
     assert out.exit_code == 0
     for flag in ("--out", "--slides", "--encoder", "--weights", "--config"):
         assert flag in out.output
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("task,metric,floor", [("regression", "pearson_r", 0.8), ("survival", "c_index", 0.65)])
+def test_reduced_demo_for_each_task(tmp_path, task, metric, floor):
+    """`slidepipe demo --task ...`: the lesion count planted in the slides drives a value or a hazard,
+    and the cross-validated report shows it learned (pooled out-of-fold metric with its CI)."""
+    res = run_demo(DemoJob(out=tmp_path / "demo", slides=24, folds=3, seed=0, workers=2, task=task),
+                   echo=lambda *_: None)  # fmt: skip
+    pooled = json.loads((tmp_path / "demo" / "run" / "pooled_metrics.json").read_text())[metric]
+    assert pooled["value"] >= floor and pooled["ci95"][0] <= pooled["value"], pooled
+    html = res.report.read_text()
+    assert ("Kaplan" in html or "km" in html) if task == "survival" else "scatter" in html
+    labels = pd.read_csv(tmp_path / "demo" / "labels.csv")
+    assert {"time", "event"} <= set(labels.columns) if task == "survival" else "score" in labels.columns

@@ -36,10 +36,12 @@ class _RichFolds:
             info = f"train {event['train_loss']:.3f}  val {event['val_loss']:.3f}"
             self.p.update(self.tasks[key], completed=event["epoch"] + 1, info=info)
         elif kind == "fold_end":
-            auc = event.get("auc")
-            auc_s = "n/a" if auc is None or auc != auc else f"{auc:.3f}"
+            name = next((k for k in ("auc", "c_index", "pearson_r") if k in event),
+                        next((k for k in event if k.endswith(".auc") or k.endswith(".pearson_r")), None))  # fmt: skip
+            value = event.get(name) if name else None
+            shown = "n/a" if value is None or value != value else f"{value:.3f}"
             self.p.update(self.tasks[key], completed=self.p.tasks[self.tasks[key]].total,
-                          info=f"best epoch {event['best_epoch']}  test AUC {auc_s}")  # fmt: skip
+                          info=f"best epoch {event['best_epoch']}  test {name or 'metric'} {shown}")  # fmt: skip
 
 
 def command(
@@ -52,7 +54,24 @@ def command(
                                  "transmil, dsmil, mean, max")  # fmt: skip
     ] = None,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="run directory")] = None,
-    target: Annotated[str | None, typer.Option(help="label column to predict")] = None,
+    task: Annotated[
+        str | None, typer.Option(help="study design: classification, regression or survival  [default: classification]")
+    ] = None,
+    target: Annotated[
+        list[str] | None,
+        typer.Option(help="label column to predict; repeat for several targets trained jointly  [default: label]"),
+    ] = None,
+    time: Annotated[str | None, typer.Option(help="survival: follow-up time column  [default: time]")] = None,
+    event: Annotated[str | None, typer.Option(help="survival: event column, 1 = event, 0 = censored  [default: event]")] = None,
+    loss: Annotated[
+        str | None,
+        typer.Option(help="classification: cross_entropy; regression: mse (default) or huber; survival: cox "
+                     "(default, Breslow ties) or discrete (quantile time bins)"),  # fmt: skip
+    ] = None,
+    bins: Annotated[int | None, typer.Option(help="survival --loss discrete: time bins  [default: 4]")] = None,
+    level: Annotated[
+        str | None, typer.Option(help="slide: a bag per slide (default); patient: a patient's slides pooled in one bag")
+    ] = None,
     folds: Annotated[int | None, typer.Option(help="cross-validation folds")] = None,
     repeats: Annotated[int | None, typer.Option(help="repeats of the k-fold split (new seed each)")] = None,
     test_frac: Annotated[float | None, typer.Option(help="held-out test share (0: none)")] = None,
@@ -92,7 +111,9 @@ def command(
 ) -> None:
     """Train a MIL head with patient-grouped, stratified k-fold cross-validation.
 
-    Writes config.yaml, splits.json, one checkpoint per fold (best validation loss), log.csv,
+    Tasks: classification of one or several label columns (--target a --target b), regression of
+    numeric columns (--task regression), survival from time and event columns (--task survival);
+    --level patient pools each patient's slides into one bag. Writes config.yaml, splits.json, one checkpoint per fold (best validation loss), log.csv,
     predictions.csv and metrics.json (per fold and mean ± sd) into --out; with --tensorboard
     also tensorboard/<fold>/ (view with: tensorboard --logdir OUT/tensorboard).
     Exit code 2 for a usage, label-table or store error.
@@ -101,7 +122,8 @@ def command(
 
     setup_logging(verbose)
     overrides = {
-        "store": store, "labels": labels, "model": model, "out": out, "target": target,
+        "store": store, "labels": labels, "model": model, "out": out, "target": target or None,
+        "task": task, "time": time, "event": event, "loss": loss, "bins": bins, "level": level,
         "folds": folds, "repeats": repeats, "test_frac": test_frac, "val_frac": val_frac,
         "splits": splits, "epochs": epochs, "patience": patience, "lr": lr,
         "weight_decay": weight_decay, "batch_size": batch_size, "max_batch_tokens": max_batch_tokens,

@@ -59,8 +59,9 @@ class Task(ABC):
 
     # ------------------------------------------------------------------ labels
     @abstractmethod
-    def encode(self, table: pd.DataFrame, *, name: str = "label table") -> Targets:
-        """Targets of every row of ``table`` (learns class names etc. from the whole cohort)."""
+    def encode(self, table: pd.DataFrame, *, name: str = "label table", learn: bool = True) -> Targets:
+        """Targets of every row of ``table``; with ``learn`` the task learns class names etc. from
+        the whole cohort, without it (applying a trained model) it codes labels as it was trained."""
 
     @property
     @abstractmethod

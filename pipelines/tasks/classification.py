@@ -39,7 +39,9 @@ class ClassificationTask(Task):
     def _prefix(self, j: int, sep: str = ".") -> str:
         return f"{self.columns[j]}{sep}" if self.multi else ""
 
-    def encode(self, table: pd.DataFrame, *, name: str = "label table") -> Targets:
+    def encode(self, table: pd.DataFrame, *, name: str = "label table", learn: bool = True) -> Targets:
+        if not learn:
+            return self._encode_known(table, name)
         y = np.full((len(table), len(self.columns)), np.nan)
         classes: list[list[str]] = []
         for j, col in enumerate(self.columns):
@@ -57,6 +59,21 @@ class ClassificationTask(Task):
         self.state["classes"] = classes
         strata = np.nan_to_num(y[:, 0], nan=0.0).astype(np.int64)  # a missing first target joins class 0
         return Targets(y, strata)
+
+    def _encode_known(self, table: pd.DataFrame, name: str) -> Targets:
+        """Labels coded with the classes the model was trained on; another class is an error."""
+        y = np.full((len(table), len(self.columns)), np.nan)
+        for j, col in enumerate(self.columns):
+            index = {c: i for i, c in enumerate(self.classes[j])}
+            values = table[col]
+            unknown = sorted({str(v) for v in values.dropna()} - set(index))
+            if unknown:
+                raise LabelTableError(
+                    f"{name}: target {col!r} has classes {unknown} the model was not trained on "
+                    f"(trained: {self.classes[j]}). Fix: map the labels to the training classes"
+                )
+            y[:, j] = [np.nan if pd.isna(v) else index[str(v)] for v in values]
+        return Targets(y, np.nan_to_num(y[:, 0], nan=0.0).astype(np.int64))
 
     @property
     def n_outputs(self) -> int:

@@ -31,7 +31,7 @@ class RegressionTask(Task):
     def multi(self) -> bool:
         return len(self.columns) > 1
 
-    def encode(self, table: pd.DataFrame, *, name: str = "label table") -> Targets:
+    def encode(self, table: pd.DataFrame, *, name: str = "label table", learn: bool = True) -> Targets:
         y = np.full((len(table), len(self.columns)), np.nan)
         for j, col in enumerate(self.columns):
             values = pd.to_numeric(table[col], errors="coerce")
@@ -41,7 +41,7 @@ class RegressionTask(Task):
                     f"{name}: target {col!r} is not numeric (e.g. {table.loc[bad, col].iloc[0]!r} for slide "
                     f"{table.loc[bad, 'slide_id'].iloc[0]}). Fix: a numeric column, or --task classification"
                 )
-            if values.nunique() < 2:
+            if learn and values.nunique() < 2:
                 raise LabelTableError(f"{name}: target {col!r} has fewer than 2 distinct values. Fix: check the column")
             y[:, j] = values.to_numpy(dtype=np.float64)
         folds = int(self.options.get("folds", 5))
