@@ -135,58 +135,10 @@ def _task_plots_html(res, run_dir: Path) -> str:
     return f"<h2>{res.task.capitalize()}: out-of-fold predictions</h2><div class='grid'>{imgs}</div>"
 
 
-def run_demo(job: DemoJob, *, echo=print) -> DemoResult:
-    """Cohort → tile → extract → k-fold ABMIL → heatmaps → ``report.html`` in ``job.out``."""
-    from pipelines.extract import run_extract
+def _demo_heatmaps(cohort: pd.DataFrame, out: Path, patch_size: int) -> tuple[dict[str, Path], float | None, float | None]:
+    """Attention heatmaps of every slide; mean attention inside and outside the planted lesions."""
     from pipelines.heatmap import heatmap_slide
-    from pipelines.report import stage_table, write_report
-    from pipelines.tile import run_tile
-    from pipelines.train import train_mil
 
-    out = Path(job.out)
-    out.mkdir(parents=True, exist_ok=True)
-    save_resolved_config(job, out)
-    stages: list[dict[str, Any]] = []
-    tiling = TilingConfig(mpp=0.5, patch_size=224, min_tissue=0.5)
-
-    def stage(name: str, t0: float, items: int | None, unit: str) -> None:
-        sec = time.perf_counter() - t0
-        stages.append({"stage": name, "items": items, "seconds": sec})
-        rate = f", {items / max(sec, 1e-9):.1f} {unit}/s" if items else ""
-        echo(f"  {name}: {items if items is not None else ''} {unit} in {sec:.1f} s{rate}")
-
-    echo(f"slidepipe demo → {out}")
-    t0 = time.perf_counter()
-    cohort = make_cohort(out / "slides", job.slides, seed=job.seed, workers=job.workers, task=job.task)
-    cohort[["slide_id", "patient_id", *TASK_COLUMNS[job.task]]].to_csv(out / "labels.csv", index=False)
-    stage("generate cohort", t0, len(cohort), "slides")
-
-    t0 = time.perf_counter()
-    tile_sum = run_tile(TileJob(slides=[str(out / "slides")], out=out / "tiles", tiling=tiling))
-    stage("tissue + grid", t0, len(tile_sum.results), "slides")
-    failed = [r for r in tile_sum.results if r.status == "failed"]
-    if failed:
-        raise RuntimeError(f"demo: tiling failed for {failed[0].slide_id}: {failed[0].reason}")
-
-    t0 = time.perf_counter()
-    ex = run_extract(
-        ExtractJob(slides=[str(out / "slides")], out=out / "features.zarr", encoder=job.encoder,
-                   weights=job.weights, tiling=tiling, batch_size=64, workers=job.workers)
-    )  # fmt: skip
-    if ex.n_failed:
-        bad = next(r for r in ex.results if r.status == "failed")
-        raise RuntimeError(f"demo: extraction failed for {bad.slide_id}: {bad.reason}")
-    n_patches = int(sum(r.n_patches for r in ex.results))
-    stage("read + embed patches", t0, n_patches if any(r.status == "done" for r in ex.results) else None, "patches")
-
-    t0 = time.perf_counter()
-    target = {"regression": "score"}.get(job.task, "label")
-    res = train_mil(out / "features.zarr", out / "labels.csv", model="abmil", folds=job.folds, task=job.task,
-                    target=target, out=out / "run", seed=job.seed, epochs=40, patience=10, lr=5e-4,
-                    batch_size=8 if job.task != "survival" else 16)  # fmt: skip
-    stage(f"train ABMIL, {job.task} ({job.folds}-fold CV)", t0, job.folds, "folds")
-
-    t0 = time.perf_counter()
     heatmaps: dict[str, Path] = {}
     inside: list[np.ndarray] = []
     outside: list[np.ndarray] = []
@@ -195,12 +147,18 @@ def run_demo(job: DemoJob, *, echo=print) -> DemoResult:
                            out / "heatmaps", thumb_mpp=4.0)  # fmt: skip
         heatmaps[row.slide_id] = hm.png
         if row.n_lesions > 0:
-            a_in, a_out = _lesion_attention(hm.csv, json.loads(row.lesions), tiling.patch_size)
+            a_in, a_out = _lesion_attention(hm.csv, json.loads(row.lesions), patch_size)
             inside.append(a_in)
             outside.append(a_out)
-    stage("attention heatmaps", t0, len(cohort), "slides")
     att_in = float(np.mean(np.concatenate(inside))) if inside else None
     att_out = float(np.mean(np.concatenate(outside))) if outside else None
+    return heatmaps, att_in, att_out
+
+
+def _demo_report(job: DemoJob, out: Path, cohort: pd.DataFrame, ex, res, stages, heatmaps, att_in, att_out,
+                 n_patches: int) -> Path:  # fmt: skip
+    """The demo's report.html: KPIs, cohort, thumbnails and heatmaps, cross-validated metrics, plots."""
+    from pipelines.report import stage_table, write_report
 
     metric = {"classification": ("auc", "AUC"), "regression": ("pearson_r", "Pearson r"),
               "survival": ("c_index", "C-index")}[job.task]  # fmt: skip
@@ -259,6 +217,63 @@ def run_demo(job: DemoJob, *, echo=print) -> DemoResult:
             f"slidepipe demo --out {out} --slides {job.slides} --encoder {job.encoder}",
         ],
     )
+    return report
+
+
+def run_demo(job: DemoJob, *, echo=print) -> DemoResult:
+    """Cohort → tile → extract → k-fold ABMIL → heatmaps → ``report.html`` in ``job.out``."""
+    from pipelines.extract import run_extract
+    from pipelines.tile import run_tile
+    from pipelines.train import train_mil
+
+    out = Path(job.out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_resolved_config(job, out)
+    stages: list[dict[str, Any]] = []
+    tiling = TilingConfig(mpp=0.5, patch_size=224, min_tissue=0.5)
+
+    def stage(name: str, t0: float, items: int | None, unit: str) -> None:
+        sec = time.perf_counter() - t0
+        stages.append({"stage": name, "items": items, "seconds": sec})
+        rate = f", {items / max(sec, 1e-9):.1f} {unit}/s" if items else ""
+        echo(f"  {name}: {items if items is not None else ''} {unit} in {sec:.1f} s{rate}")
+
+    echo(f"slidepipe demo → {out}")
+    t0 = time.perf_counter()
+    cohort = make_cohort(out / "slides", job.slides, seed=job.seed, workers=job.workers, task=job.task)
+    cohort[["slide_id", "patient_id", *TASK_COLUMNS[job.task]]].to_csv(out / "labels.csv", index=False)
+    stage("generate cohort", t0, len(cohort), "slides")
+
+    t0 = time.perf_counter()
+    tile_sum = run_tile(TileJob(slides=[str(out / "slides")], out=out / "tiles", tiling=tiling))
+    stage("tissue + grid", t0, len(tile_sum.results), "slides")
+    failed = [r for r in tile_sum.results if r.status == "failed"]
+    if failed:
+        raise RuntimeError(f"demo: tiling failed for {failed[0].slide_id}: {failed[0].reason}")
+
+    t0 = time.perf_counter()
+    ex = run_extract(
+        ExtractJob(slides=[str(out / "slides")], out=out / "features.zarr", encoder=job.encoder,
+                   weights=job.weights, tiling=tiling, batch_size=64, workers=job.workers)
+    )  # fmt: skip
+    if ex.n_failed:
+        bad = next(r for r in ex.results if r.status == "failed")
+        raise RuntimeError(f"demo: extraction failed for {bad.slide_id}: {bad.reason}")
+    n_patches = int(sum(r.n_patches for r in ex.results))
+    stage("read + embed patches", t0, n_patches if any(r.status == "done" for r in ex.results) else None, "patches")
+
+    t0 = time.perf_counter()
+    target = {"regression": "score"}.get(job.task, "label")
+    res = train_mil(out / "features.zarr", out / "labels.csv", model="abmil", folds=job.folds, task=job.task,
+                    target=target, out=out / "run", seed=job.seed, epochs=40, patience=10, lr=5e-4,
+                    batch_size=8 if job.task != "survival" else 16)  # fmt: skip
+    stage(f"train ABMIL, {job.task} ({job.folds}-fold CV)", t0, job.folds, "folds")
+
+    t0 = time.perf_counter()
+    heatmaps, att_in, att_out = _demo_heatmaps(cohort, out, tiling.patch_size)
+    stage("attention heatmaps", t0, len(cohort), "slides")
+
+    report = _demo_report(job, out, cohort, ex, res, stages, heatmaps, att_in, att_out, n_patches)
     summary = {
         "slides": len(cohort), "patches": n_patches, "stages": stages, "metrics": res.summary,
         "attention_inside_clusters": att_in, "attention_outside_clusters": att_out,

@@ -39,6 +39,18 @@ def test_reduced_demo_end_to_end(tmp_path):
     assert summary["weights"] == "random" and summary["patches"] == res.n_patches > 0
     metrics = json.loads((tmp_path / "demo" / "run" / "metrics.json").read_text())
     assert len(metrics["folds"]) == 3
+    # the run applied to the cohort again: heatmaps of the 2 highest- and 2 lowest-scoring slides
+    from pipelines.predict import predict_mil
+
+    demo = tmp_path / "demo"
+    pred = predict_mil(demo / "run", demo / "features.zarr", demo / "labels.csv", out=tmp_path / "pred",
+                       heatmaps=2, n_boot=100, device="cpu")  # fmt: skip
+    maps = sorted((tmp_path / "pred" / "heatmaps").glob("*_heatmap.png"))
+    assert len(maps) == 4 and pred.metrics["auc"]["value"] >= 0.8
+    top = pred.predictions.sort_values("prob_positive").slide_id.tolist()
+    assert {p.name.split("_")[0] for p in maps} == set(top[:2] + top[-2:])
+    page = (tmp_path / "pred" / "report.html").read_text()
+    assert page.count("data:image/jpeg;base64") == 4 and len(page) < 2_000_000
 
 
 def test_demo_cli_help_lists_options():
