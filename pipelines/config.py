@@ -148,6 +148,9 @@ class TrainJob(_Model):
         "huber; survival cox (default, Breslow ties) or discrete (time bins)",
     )
     bins: int = Field(4, ge=2, description="survival with loss: discrete — quantile bins of event times")
+    overwrite: bool = Field(
+        False, description="replace an existing run directory (swapped out only once the new run is complete)"
+    )
     report: bool = Field(True, description="write report.html (pooled out-of-fold metrics with CIs, plots)")
     n_boot: int = Field(200, ge=0, description="bootstrap replicates of the report's CIs over patients")
     features: dict[str, Any] | None = Field(
@@ -166,7 +169,11 @@ class TrainJob(_Model):
     patience: int = Field(10, ge=1)
     lr: float = Field(2e-4, gt=0)
     weight_decay: float = Field(1e-2, ge=0)
-    batch_size: int = Field(16, ge=1)
+    batch_size: int | None = Field(
+        None, ge=1, description="bags per optimizer step; default: the task's — 1 for classification and "
+        "regression (the ABMIL/CLAM recipe: small cohorts get enough optimizer steps; see bench/mil_classic.py), "
+        "16 for Cox survival (its loss compares the bags of a batch)",
+    )
     max_batch_tokens: int | Literal["auto"] | None = Field(
         "auto",
         description="most padded instances per forward/backward pass; a larger batch is split into "
@@ -251,6 +258,13 @@ class PredictJob(_Model):
     heatmaps: int = Field(0, ge=0, description="attention heatmaps of the K highest- and K lowest-scoring slides")
 
 
+class VerifyJob(_Model):
+    """``slidepipe verify``."""
+
+    store: Path | None = Field(None, description="feature store to check")
+    deep: bool = Field(False, description="also read every chunk and verify its crc32c checksum")
+
+
 class ExportJob(_Model):
     """``slidepipe export-h5``."""
 
@@ -281,6 +295,7 @@ JOBS: dict[str, type[_Model]] = {
     "predict": PredictJob,
     "heatmap": HeatmapJob,
     "export-h5": ExportJob,
+    "verify": VerifyJob,
     "demo": DemoJob,
 }
 

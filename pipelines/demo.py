@@ -265,7 +265,7 @@ def run_demo(job: DemoJob, *, echo=print) -> DemoResult:
     t0 = time.perf_counter()
     target = {"regression": "score"}.get(job.task, "label")
     res = train_mil(out / "features.zarr", out / "labels.csv", model="abmil", folds=job.folds, task=job.task,
-                    target=target, out=out / "run", seed=job.seed, epochs=40, patience=10, lr=5e-4,
+                    target=target, out=out / "run", overwrite=True, seed=job.seed, epochs=40, patience=10, lr=5e-4,
                     batch_size=8 if job.task != "survival" else 16)  # fmt: skip
     stage(f"train ABMIL, {job.task} ({job.folds}-fold CV)", t0, job.folds, "folds")
 

@@ -19,6 +19,7 @@ import numpy as np
 
 from pipelines.config import ExportJob
 from pipelines.summary import RunSummary, SlideResult
+from wsi.errors import StoreCorruptError
 from wsi.store import FeatureStore, SlideFeatures
 
 log = logging.getLogger(__name__)
@@ -92,14 +93,19 @@ def export_slide(store: FeatureStore, slide_id: str, out_dir: str | Path) -> Pat
 
 
 def export_h5(store_path: str | Path, out_dir: str | Path, *, slide_ids: Iterable[str] | None = None) -> RunSummary:
-    """Export every (or the named) complete slide of a store; one failure does not stop the rest."""
+    """Export every (or the named) complete slide of a store; one failure does not stop the rest,
+    but a corrupt slide (missing or damaged chunk) stops the export with ``StoreCorruptError``:
+    before any file is written when a chunk file is missing or resized, else when it is read."""
     summary = RunSummary("export-h5")
     store = FeatureStore(store_path, mode="r")
     ids = store.slide_ids() if slide_ids is None else list(slide_ids)
+    refuse_corrupt(store, ids)
     for sid in ids:
         t0 = time.perf_counter()
         try:
             path = export_slide(store, sid, out_dir)
+        except StoreCorruptError:
+            raise  # never a partial export that looks complete
         except Exception as err:
             log.warning("%s: export failed: %s", sid, err)
             summary.add(SlideResult.failed(sid, str(store.path / "slides" / sid), err, time.perf_counter() - t0))
@@ -108,6 +114,19 @@ def export_h5(store_path: str | Path, out_dir: str | Path, *, slide_ids: Iterabl
         summary.add(SlideResult(sid, str(path), "done", n_patches=n, seconds=round(time.perf_counter() - t0, 3)))
     summary.finished = time.time()
     return summary
+
+
+def refuse_corrupt(store: FeatureStore, slide_ids: Iterable[str]) -> None:
+    """``StoreCorruptError`` naming the first slide with a missing, empty or resized chunk file (a
+    listing of the chunk files: nothing is read) and how many others there are."""
+    bad = [(sid, check) for sid in slide_ids if sid in store and not (check := store.check(sid)).ok]
+    if not bad:
+        return
+    sid, check = bad[0]
+    reason = "; ".join(map(str, check.problems))
+    if len(bad) > 1:
+        reason += f" (and {len(bad) - 1} more corrupt slides: {', '.join(s for s, _ in bad[1:6])})"
+    raise StoreCorruptError(store.path, sid, check.problems[0].array, f"{reason}; nothing was exported")
 
 
 def run_export(job: ExportJob) -> RunSummary:

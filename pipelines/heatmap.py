@@ -44,6 +44,23 @@ class HeatmapResult:
     probs: dict[str, float] = field(default_factory=dict)
 
 
+def _check_same_file(slide: str | Path, store: Path, slide_id: str, attrs: dict[str, Any]) -> None:
+    """The slide file must be the one the store's features came from (size and content hash)."""
+    from wsi.slide import file_identity
+
+    recorded = attrs.get("source") or {}
+    if not recorded.get("quick_hash") or not Path(slide).is_file():
+        return  # a store written from arrays records no source file; a missing file fails when opened
+    mine = file_identity(slide)
+    if (mine["size"], mine["quick_hash"]) != (recorded.get("size"), recorded.get("quick_hash")):
+        raise HeatmapError(
+            f"{slide}: not the file whose features {store} holds as slide {slide_id!r} (that was "
+            f"{recorded.get('path')}, {recorded.get('size')} bytes, {recorded.get('quick_hash', '')[:19]}...; this one "
+            f"{mine['size']} bytes, {mine['quick_hash'][:19]}...). Fix: pass the slide the store was extracted from, "
+            "or extract this file into a store"
+        )
+
+
 def run_checkpoints(run_dir: str | Path, fold: int | None = None) -> list[Path]:
     """The fold checkpoints of a training run (one fold if ``fold`` is given)."""
     from pipelines.predict import PredictError, fold_checkpoints
@@ -180,6 +197,8 @@ def heatmap_slide(
     from wsi.slide import open_slide, slide_id_for
 
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise HeatmapError(f"{out}: --out is a file, not a directory. Fix: pass a directory for the heatmaps")
     out.mkdir(parents=True, exist_ok=True)
     fs = store if isinstance(store, FeatureStore) else FeatureStore(store, mode="r")
     slide_id = slide_id_for(slide)
@@ -189,6 +208,7 @@ def heatmap_slide(
             "Fix: extract it first (`slidepipe extract`), or pass the store it was extracted into"
         )
     feats = fs.read(slide_id)
+    _check_same_file(slide, fs.path, slide_id, feats.attrs)
     if len(feats) == 0:
         raise HeatmapError(f"{slide}: the slide has no patches in {fs.path}; nothing to draw")
     from pipelines.features import check_features, features_identity
@@ -231,6 +251,8 @@ def run_heatmap(job: HeatmapJob) -> HeatmapResult:
     """``slidepipe heatmap`` as a function of its job config; writes the resolved config too."""
     if job.run is None or job.store is None or job.slide is None:
         raise HeatmapError("--run, --store and --slide are required")
+    if Path(job.out).exists() and not Path(job.out).is_dir():
+        raise HeatmapError(f"{job.out}: --out is a file, not a directory. Fix: pass a directory for the heatmaps")
     save_resolved_config(job, job.out, name="heatmap-config.yaml")
     return heatmap_slide(job.run, job.store, job.slide, job.out, fold=job.fold, thumb_mpp=job.thumb_mpp,
                          cmap=job.cmap, alpha=job.alpha, slide_mpp=job.slide_mpp)  # fmt: skip

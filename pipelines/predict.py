@@ -33,6 +33,7 @@ from pipelines.config import TrainJob
 from pipelines.features import check_features, features_identity
 from pipelines.labels import LabelTableError, read_label_table
 from pipelines.metrics import bootstrap_ci, json_safe
+from pipelines.splits import Fold
 from pipelines.tasks import Task, legacy_task, task_from_dict
 from wsi.errors import StoreError
 from wsi.store import FeatureStore
@@ -63,13 +64,26 @@ class FoldModel:
 
 
 def fold_checkpoints(run_dir: str | Path, folds: Sequence[int] | None = None) -> list[Path]:
-    """The fold checkpoints of a training run (only ``folds`` of repeat 0 when given)."""
+    """The fold checkpoints of a finished training run: those its ``metrics.json`` lists (never a
+    glob, so stray checkpoints of another run are not used); only ``folds`` of repeat 0 when given."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise PredictError(f"{run_dir}: run directory not found. Fix: pass the --out of `slidepipe train`")
-    paths = sorted(p for p in run_dir.glob("*fold*.pt") if not p.name.startswith("."))
+    try:
+        listed = json.loads((run_dir / "metrics.json").read_text())["folds"]
+    except (OSError, ValueError, KeyError) as err:
+        raise PredictError(
+            f"{run_dir}: not a finished training run (no readable metrics.json listing its folds: {err}). "
+            "Fix: pass the --out of a `slidepipe train` that completed"
+        ) from err
+    names = [Fold(int(f["repeat"]), int(f["fold"]), [], [], []).name for f in listed]
     if folds is not None:
-        paths = [p for p in paths if p.stem in {f"fold{k}" for k in folds}]
+        names = [n for n in names if n in {f"fold{k}" for k in folds}]
+    paths = [run_dir / f"{n}.pt" for n in names]
+    missing = [p.name for p in paths if not p.is_file()]
+    if missing:
+        raise PredictError(f"{run_dir}: checkpoint(s) {missing} listed in metrics.json are missing. "
+                           "Fix: restore the run directory or train again")  # fmt: skip
     if not paths:
         what = "checkpoint " + ", ".join(f"fold{k}.pt" for k in folds) if folds is not None else "fold checkpoints (*.pt)"
         raise PredictError(f"{run_dir}: no {what}. Fix: check --run (and --fold)")
@@ -177,6 +191,8 @@ def predict_mil(
     from pipelines.train import prediction_rows, resolve_device
 
     t0 = time.time()
+    if out is not None and Path(out).exists() and not Path(out).is_dir():
+        raise PredictError(f"{out}: --out is a file, not a directory. Fix: pass a directory for the predictions")
     dev = resolve_device(device)
     models = load_fold_models(run, folds=folds, device=dev)
     task, level = models[0].task, models[0].level

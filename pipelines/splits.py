@@ -124,7 +124,15 @@ def _kfold(n_splits: int, seed: int, ids, y, groups):
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="The least populated class", category=UserWarning)
         skf = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
-        return list(skf.split(np.zeros(len(ids)), y, groups))
+        try:
+            return list(skf.split(np.zeros(len(ids)), y, groups))
+        except ValueError as err:  # e.g. fewer patients than parts
+            per = _patients_per_class(np.asarray(y), np.asarray(groups, dtype=object))
+            raise SplitError(
+                f"cannot split {len(set(groups))} patient(s) into {n_splits} parts (patients per stratum, class "
+                f"or bin: patients: {per}; {err}). Fix: use fewer --folds (a training part must still hold "
+                "patients to split off its validation part), a smaller --test-frac, or more data"
+            ) from err
 
 
 def _patients_per_class(y: np.ndarray, groups: np.ndarray) -> dict[int, int]:

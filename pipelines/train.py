@@ -28,6 +28,8 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
+import shutil
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -237,7 +239,8 @@ class _FoldTrainer:
         self.in_dim = int(self.train_bags[0].shape[1])
         self.mean, self.std = standardization_stats(self.train_bags) if job.standardize else (None, None)
         self.model = create_mil(job.model, self.in_dim, self.task.n_outputs, **job.model_kwargs).to(device)
-        steps = max(1, -(-len(self.train_bags) // job.batch_size))
+        self.batch_size = job.batch_size or self.task.default_batch_size
+        steps = max(1, -(-len(self.train_bags) // self.batch_size))
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=job.lr, weight_decay=job.weight_decay)
         self.sched = torch.optim.lr_scheduler.CosineAnnealingLR(self.opt, T_max=job.epochs * steps,
                                                                 eta_min=job.lr * 0.01)  # fmt: skip
@@ -252,9 +255,9 @@ class _FoldTrainer:
         # into one reused buffer. A thread making batches ahead would run torch ops in a second OpenMP
         # team, and with more OpenMP threads than cores the compute team's barriers slow down: TransMIL
         # epochs took 15-25 % longer with such a thread alive, even while it was idle. A loss that needs
-        # every pass of a batch before its backward (Cox) keeps each pass's input: fresh memory then.
+        # every pass of a batch before its backward (Cox) keeps each pass's input: a buffer per pass then.
         self.inline = device.type == "cpu"
-        self.buffer = PassBuffer() if self.inline and self.task.decomposable else None
+        self.buffers: list[PassBuffer] = []
 
     # ------------------------------------------------------------------ batches
     def epoch_batches(self) -> Iterator[Any]:
@@ -264,7 +267,7 @@ class _FoldTrainer:
             draw = torch.multinomial(self.sample_p, n, replacement=True, generator=self.g_batches).tolist()
         else:
             draw = list(range(n))
-        batches = [[draw[i] for i in b] for b in length_batches([self.lengths[i] for i in draw], job.batch_size,
+        batches = [[draw[i] for i in b] for b in length_batches([self.lengths[i] for i in draw], self.batch_size,
                                                                  generator=self.g_batches)]  # fmt: skip
 
         def make(k: int):
@@ -273,17 +276,27 @@ class _FoldTrainer:
             idx = batches[k]
             passes = []
             sizes = [self.lengths[i] if cap is None else min(self.lengths[i], cap) for i in idx]
-            for pos in token_chunks(sizes, self.budget):
+            for j, pos in enumerate(token_chunks(sizes, self.budget)):
                 group = [self.train_bags[idx[p]] for p in pos]
 
-                def prepare(group=group):
+                def prepare(group=group, j=j):
                     return collate(group, self.mean, self.std, max_instances=cap, generator=self.g_sub,
-                                   out=self.buffer)  # fmt: skip
+                                   out=self._buffer(j))  # fmt: skip
 
                 passes.append((prepare if self.inline else prepare(), torch.tensor(pos)))
             return passes, self.ytrain[idx]
 
         return (make(k) for k in range(len(batches))) if self.inline else Prefetch(make, len(batches))
+
+    def _buffer(self, j: int) -> PassBuffer | None:
+        """The reused memory of pass ``j`` of a batch (CPU): one buffer when each pass's graph is
+        freed before the next is made; one per pass when a loss needs them all (Cox)."""
+        if not self.inline:
+            return None
+        j = j if not self.task.decomposable else 0
+        while len(self.buffers) <= j:
+            self.buffers.append(PassBuffer())
+        return self.buffers[j]
 
     # ------------------------------------------------------------------ one epoch
     def _forward(self, data, y: torch.Tensor):
@@ -365,7 +378,7 @@ class _FoldTrainer:
         return total / max(n_seen, 1), wait
 
     def outputs(self, ids: Sequence[str]) -> torch.Tensor:
-        return predict(self.model, [self.bags[s] for s in ids], self.mean, self.std, batch_size=self.job.batch_size,
+        return predict(self.model, [self.bags[s] for s in ids], self.mean, self.std, batch_size=max(16, self.batch_size),
                        device=self.device, max_tokens=self.budget)  # fmt: skip
 
     def validate(self) -> tuple[float, float]:
@@ -585,10 +598,56 @@ def train_mil(
     create_mil(job.model, 4, 2, **job.model_kwargs)  # fail fast on a bad model name or option
     if job.tensorboard:
         _summary_writer_class()  # fail fast without the package
-    run_dir = Path(job.out)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    final = Path(job.out)
     t0 = time.time()
-    cohort, bags = load_cohort(fs, labels, job)
+    cohort, bags = load_cohort(fs, labels, job)  # label-table errors first: they say more
+    check_run_dir(final, overwrite=job.overwrite)
+    with _staged_run(final, overwrite=job.overwrite) as run_dir:
+        results = _train_cohort(fs, cohort, bags, job, run_dir, progress, fold_runner, t0)
+    results.run_dir = final
+    results.checkpoints = [final / p.name for p in results.checkpoints]
+    return results
+
+
+class RunDirectoryError(ValueError):
+    """``--out`` cannot take this run; the message names the path, the reason and the fix."""
+
+
+def check_run_dir(path: Path, *, overwrite: bool) -> None:
+    """A run directory is owned: refuse a file, or a non-empty directory unless ``overwrite``."""
+    if path.exists() and not path.is_dir():
+        raise RunDirectoryError(f"{path}: --out is a file, not a directory. Fix: pass a new directory for the run")
+    if path.is_dir() and any(path.iterdir()) and not overwrite:
+        what = "holds another run" if (path / "metrics.json").exists() else "is not empty"
+        raise RunDirectoryError(
+            f"{path}: the run directory {what}; its checkpoints would be mixed with this run's. "
+            "Fix: pass a new --out, or --overwrite to replace it (done only once the new run is complete)"
+        )
+
+
+@contextlib.contextmanager
+def _staged_run(final: Path, *, overwrite: bool) -> Iterator[Path]:
+    """Write the run into a hidden sibling directory and rename it into place when complete; a
+    failed or interrupted run leaves nothing under ``final`` (an older run there stays intact)."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    work = final.parent / f".{final.name}.partial-{os.getpid()}"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir()
+    try:
+        yield work
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    check_run_dir(final, overwrite=overwrite)  # another process may have written there meanwhile
+    old = final.parent / f".{final.name}.replaced-{os.getpid()}"
+    if final.exists():
+        final.rename(old)
+    work.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _train_cohort(fs: FeatureStore, cohort: Cohort, bags: dict[str, torch.Tensor], job: TrainJob, run_dir: Path,
+                  progress: Progress | None, fold_runner: FoldRunner | None, t0: float) -> Results:  # fmt: skip
     features = features_identity(fs, dim=int(next(iter(bags.values())).shape[1]) if bags else None)
     job = job.model_copy(update={"features": features})
     splits = _splits_for(job, cohort)
@@ -696,7 +755,7 @@ def write_train_report(cohort: Cohort, job: TrainJob, run_dir: Path, predictions
         f"{job.repeats} repeat(s); metrics on the pooled out-of-fold predictions of repeat 0",
         task=task, metrics=pooled, predictions=predictions, plots=plots, fold_metrics=folds, summary=summary,
         notes=[f"Checkpoint rule: {CHECKPOINT_RULE}."],
-        commands=[f"slidepipe predict --run {run_dir} --store OTHER_COHORT.zarr --labels LABELS.csv --out predictions"],
+        commands=[f"slidepipe predict --run {job.out} --store OTHER_COHORT.zarr --labels LABELS.csv --out predictions"],
     )  # fmt: skip
 
 

@@ -394,6 +394,35 @@ def test_sigkill_mid_run_then_rerun_equals_uninterrupted_run(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+def test_sigterm_cleans_up_like_ctrl_c(tmp_path, sig):
+    """What SLURM, Docker and systemd send: the run stops, removes its partial slide, releases its
+    claims and exits 128 + the signal; the slides it committed stay, and a rerun completes."""
+    slides = _slide_links(tmp_path, 3)
+    job = make_job(tmp_path / "term.zarr", [slides])
+    proc = subprocess.Popen(_cli(job), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    slides_dir, staging = Path(job.out) / "slides", Path(job.out) / ".staging"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        done = [p for p in slides_dir.glob("*/zarr.json")] if slides_dir.is_dir() else []
+        if done and staging.is_dir() and any(p for p in staging.iterdir() if not p.name.startswith(".")):
+            break  # one slide complete and the next one half-written
+        time.sleep(0.02)
+    assert proc.poll() is None, "extractor finished before it could be signalled"
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + sig, err[-2000:]
+    assert f"interrupted by {signal.Signals(sig).name}" in err
+    store = FeatureStore(job.out, mode="r")
+    assert 1 <= len(store.slide_ids()) < 4
+    assert not [p for p in staging.iterdir() if not p.name.startswith(".")], "partial slide left in staging"
+    assert not list((Path(job.out) / ".claims").glob("*.claim")), "claims not released"
+    rerun = subprocess.run(_cli(job), env=_env(), capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert len(FeatureStore(job.out, mode="r").slide_ids()) == 4
+
+
+@pytest.mark.slow
 def test_two_concurrent_processes_extract_each_slide_once(tmp_path):
     slides = _slide_links(tmp_path, 3)
     job = make_job(tmp_path / "shared.zarr", [slides])

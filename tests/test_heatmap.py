@@ -143,3 +143,23 @@ def test_overlay_memory_follows_the_thumbnail_not_the_slide():
     tracemalloc.stop()
     assert out.shape == thumb.shape
     assert peak < 8 * 2**20  # a slide-sized canvas would need > 80 GB; per-patch arrays ~2 MB
+
+
+def test_a_different_file_of_the_same_name_is_refused(trained, tmp_path):
+    """The store records the slide file's size and content hash; another file named like it (here:
+    another real slide copied to that name) must not get the stored slide's attention drawn on it."""
+    import shutil
+
+    from wsi.slide import file_identity
+
+    store, run, coords, _, _ = trained
+    fs = FeatureStore(store)
+    feats = np.random.default_rng(1).normal(size=(len(coords), D)).astype(np.float16)
+    fs.write("case-7", feats, coords, attrs={"grid": {"patch_size_level0": PATCH}, "source": file_identity(SLIDE)})
+    impostor = tmp_path / "case-7.tif"
+    shutil.copy(SLIDE.parent / "kidney-48-5.tif", impostor)
+    with pytest.raises(HeatmapError, match="case-7.tif: not the file whose features.*Fix"):
+        heatmap_slide(run, store, impostor, tmp_path / "hm")
+    genuine = tmp_path / "case-7.svs"
+    shutil.copy(SLIDE, genuine)
+    assert heatmap_slide(run, store, genuine, tmp_path / "hm", thumb_mpp=32.0).n_patches == len(coords)

@@ -108,7 +108,8 @@ def test_other_features_are_refused(tmp_path, two):
     with pytest.raises(FeatureMismatchError, match=r"weights_id: trained on 'sha256:aaaa', this store has 'sha256:bbbb'"):
         predict_mil(run, store, device="cpu")
     r = CliRunner().invoke(app, ["predict", "--run", str(run), "--store", str(store), "--out", str(tmp_path / "o")])
-    assert r.exit_code == 2 and "sha256:bbbb" in r.output and "Fix:" in r.output
+    said = " ".join(r.output.split())  # rich wraps long lines
+    assert r.exit_code == 2 and "sha256:bbbb" in said and "Fix:" in said
     with pytest.raises(FeatureMismatchError, match="sha256:aaaa"):
         heatmap_slide(run, store, tmp_path / "s000.svs", tmp_path / "hm")
     mpp = {**IDENTITY, "tiling": {**IDENTITY["tiling"], "mpp": 1.0}}
@@ -152,3 +153,16 @@ def test_patient_level_predict(tmp_path, two):
     assert len(res.predictions) == len(ext_table) // 2 and res.predictions.loc[0, "slide_ids"] == "s000;s001"
     with pytest.raises(Exception, match="patient-level"):
         predict_mil(run, ext_store, device="cpu")
+
+
+def test_out_that_is_a_file_is_a_named_error(tmp_path, two):
+    from pipelines.cli import app
+
+    run, (store, _), _ = two
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    r = CliRunner().invoke(app, ["predict", "--run", str(run), "--store", str(store), "--out", str(afile)])
+    assert r.exit_code == 2 and "afile: --out is a file" in " ".join(r.output.split())  # rich wraps lines
+    r = CliRunner().invoke(app, ["heatmap", "--run", str(run), "--store", str(store), "--slide", "s000.svs",
+                                 "--out", str(afile)])  # fmt: skip
+    assert r.exit_code == 2 and "afile: --out is a file" in " ".join(r.output.split())

@@ -171,3 +171,17 @@ def test_task_label_errors(tmp_path, planted):
     bad = table.assign(event=["maybe"] * len(table))
     with pytest.raises(LabelTableError, match="event 'event' must be 1"):
         train_mil(store, bad, task="survival", out=tmp_path / "s", **FAST)
+
+
+def test_small_cohort_split_errors_and_conflicting_patients(caplog):
+    from pipelines.splits import SplitError, make_splits
+
+    with pytest.raises(SplitError, match=r"patients per class, found \{0: 3, 1: 3\}.*Fix: use fewer --folds"):
+        make_splits([f"s{i}" for i in range(6)], [0, 1] * 3, [f"p{i}" for i in range(6)], folds=5)
+    with pytest.raises(SplitError, match=r"cannot split 1 patient\(s\) into 2 parts.*Fix: use fewer --folds"):
+        make_splits([f"s{i}" for i in range(8)], [0, 0, 1, 1] * 2, ["p0", "p1"] * 4, folds=2)
+    table = pd.DataFrame({"slide_id": ["a", "b", "c", "d"], "patient_id": ["P1", "P1", "P2", "P2"],
+                          "label": ["x", "y", "y", "y"]})  # fmt: skip
+    with caplog.at_level("WARNING"):
+        build_cohort(table, ["a", "b", "c", "d"], task=create_task(TrainJob()))
+    assert "1 patient(s) have slides with different labels: P1" in caplog.text

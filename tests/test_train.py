@@ -434,3 +434,55 @@ def test_repeats_and_multiclass(tmp_path, witness):
     assert all(0 <= f["auc"] <= 1 for f in res.folds)  # one-vs-rest macro AUC
     assert {"prob_g0", "prob_g1", "prob_g2"} <= set(res.predictions.columns)
     assert len(res.predictions) == 2 * 60  # every slide tested once per repeat
+
+
+def test_run_directories_are_owned(tmp_path, witness):
+    """A second run never mixes into a first one's directory; a failed run leaves nothing behind;
+    predict and heatmap use the folds metrics.json lists, never a glob."""
+    from pipelines.cli import app
+    from pipelines.predict import PredictError, fold_checkpoints
+    from pipelines.train import RunDirectoryError
+
+    store, labels = witness
+    opts = dict(model="mean", folds=2, epochs=1, model_kwargs={"hidden": 8}, device="cpu")
+    run = tmp_path / "run"
+    first = train_mil(store, labels, out=run, **opts)
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    with pytest.raises(RunDirectoryError, match="holds another run.*--overwrite"):
+        train_mil(store, labels, out=run, **{**opts, "folds": 3})
+    r = CliRunner().invoke(app, ["train", "--store", str(store), "--labels", str(labels), "--out", str(run),
+                                 "--model", "mean", "--epochs", "1", "--folds", "3", "--device", "cpu"])  # fmt: skip
+    assert r.exit_code == 2 and "holds another run" in r.output
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before  # untouched
+
+    def failing(fn, calls):
+        fn(**calls[0])  # the first fold is written (into the staging directory) ...
+        raise RuntimeError("node lost")  # ... then the run dies
+
+    with pytest.raises(RuntimeError, match="node lost"):
+        train_mil(store, labels, out=run, overwrite=True, fold_runner=failing, **{**opts, "folds": 3})
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before  # the old run is intact
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no partial directory left
+    second = train_mil(store, labels, out=run, overwrite=True, **{**opts, "folds": 3})
+    assert sorted(p.name for p in run.glob("*.pt")) == ["fold0.pt", "fold1.pt", "fold2.pt"]
+    assert second.checkpoints[0].parent == run and first.run_dir == run
+    (run / "fold7.pt").write_bytes((run / "fold0.pt").read_bytes())  # a stray checkpoint
+    assert [p.name for p in fold_checkpoints(run)] == ["fold0.pt", "fold1.pt", "fold2.pt"]
+    (run / "metrics.json").unlink()
+    with pytest.raises(PredictError, match="not a finished training run"):
+        fold_checkpoints(run)
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(RunDirectoryError, match="is a file"):
+        train_mil(store, labels, out=tmp_path / "afile", **opts)
+
+
+def test_a_truncated_checkpoint_is_a_named_error(tmp_path, witness):
+    from models.mil.checkpoint import CheckpointError
+
+    store, labels = witness
+    run = tmp_path / "run"
+    train_mil(store, labels, out=run, model="mean", folds=2, epochs=1, model_kwargs={"hidden": 8}, device="cpu")
+    data = (run / "fold1.pt").read_bytes()
+    (run / "fold1.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=r"fold1.pt: not a readable checkpoint.*train the run again"):
+        load_checkpoint(run / "fold1.pt")

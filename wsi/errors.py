@@ -87,3 +87,27 @@ class StoreError(Exception):
 
 class StoreMismatchError(StoreError):
     """The store was written with a different encoder, weights or tiling than this run."""
+
+
+class StoreCorruptError(StoreError):
+    """A committed slide of a feature store has a missing, empty, truncated or corrupt chunk (or
+    its metadata is gone): reading it would give wrong numbers (Zarr reads a missing chunk as zeros).
+
+    ``str(err)`` reads ``"<store>: slide '<id>' is corrupt: array '<name>': <reason>. Fix: <fix>"``.
+    """
+
+    def __init__(
+        self, store: str | Path, slide_id: str, array: str | None, reason: str, fix: str | None = None
+    ) -> None:
+        self.store = Path(store)
+        self.slide_id = slide_id
+        self.array = array
+        self.reason = reason
+        self.fix = fix or (
+            f"re-extract it: `slidepipe extract ... --out {self.store}` redoes the slides "
+            f"`slidepipe verify {self.store}` reports, or delete it ({self.store / 'slides' / slide_id})"
+        )
+        super().__init__(f"{self.store}: slide {slide_id!r} is corrupt: {reason}. Fix: {self.fix}")
+
+    def __reduce__(self):  # picklable across Dask workers
+        return (type(self), (self.store, self.slide_id, self.array, self.reason, self.fix))

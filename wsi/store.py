@@ -7,8 +7,18 @@ features.zarr/                 root attrs: format_version, encoder, tiling, stai
     coords   [N, 2] int64      level-0 (x, y) top-left of each patch
     tissue   [N]    float32    tissue fraction of each patch
   .staging/<slide_id>-<hex>/   slides being written (moved into slides/ with one rename)
+  .staging/.trash-<hex>/       slides being removed (dot-prefixed: no slide id can take the name)
   .claims/<slide_id>.claim     exclusive per-slide claims: JSON {host, pid, time, ...}
 ```
+
+Every chunk carries a crc32c checksum (Zarr v3 ``crc32c`` codec after zstd), checked on every
+read; every committed slide records, per array, its chunk count and a digest of its chunk files'
+names and sizes (attr ``chunks``). Before reading a slide, and when deciding whether a slide is
+finished (``is_complete``, ``check_slide``), the chunk files are listed and stat-ed (nothing is
+read): a missing, empty, truncated or extra chunk file makes the slide corrupt
+(``StoreCorruptError`` on read; extract redoes it). Slides written before these records derive
+the expected chunks from the array shape and have no checksum (``verify_store(deep=True)`` can
+only decode their chunks). ``verify_store`` checks every slide of a store.
 
 A slide is visible only once complete: it is written under ``.staging`` and moved into
 ``slides/`` with a single ``os.rename`` (atomic on POSIX within one filesystem). Claims are
@@ -26,6 +36,8 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import functools
+import hashlib
+import itertools
 import json
 import logging
 import math
@@ -44,7 +56,7 @@ from typing import Any, Literal
 import numpy as np
 import zarr
 
-from wsi.errors import StoreError, StoreMismatchError
+from wsi.errors import StoreCorruptError, StoreError, StoreMismatchError
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +65,8 @@ CHUNK_BYTES = 1 << 20  # features are chunked in whole rows of at least ~1 MiB
 IDENTITY_KEYS = ("encoder", "tiling", "stain")
 SLIDE_IDENTITY_KEYS = ("size", "quick_hash", "slide_mpp")
 DEFAULT_CLAIM_TTL = 600.0
+ARRAYS = ("features", "coords", "tissue")  # the arrays every slide has (checked in older slides)
+TRASH_PREFIX = ".trash-"  # rubbish in .staging/: slide ids never start with "."
 
 
 class SlideClaimedError(StoreError):
@@ -207,6 +221,224 @@ def _read_claim(path: Path) -> dict[str, Any] | None:
     return info if isinstance(info, dict) else {}
 
 
+# ---------------------------------------------------------------------- chunk integrity
+def _compressors() -> list[Any]:
+    """zstd, then a crc32c checksum of each compressed chunk, verified whenever it is decoded."""
+    from zarr.codecs import Crc32cCodec, ZstdCodec
+
+    return [ZstdCodec(level=0), Crc32cCodec()]
+
+
+@dataclass(frozen=True)
+class ChunkProblem:
+    """What is wrong with one array (or the metadata, ``array="zarr.json"``) of a slide."""
+
+    array: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"array {self.array!r}: {self.reason}" if self.array != "zarr.json" else self.reason
+
+
+@dataclass
+class SlideCheck:
+    """The verdict on one slide (``slide_id=None``: the store's root metadata)."""
+
+    slide_id: str | None
+    problems: list[ChunkProblem] = field(default_factory=list)
+    recorded: bool = True  # the slide records its chunk counts and digests (False: written before)
+    checksummed: bool = True  # its chunks carry crc32c checksums (False: written before)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def __str__(self) -> str:
+        what = "store root" if self.slide_id is None else f"slide {self.slide_id!r}"
+        return f"{what}: {'ok' if self.ok else '; '.join(map(str, self.problems))}"
+
+
+def _few(names: list[str], n: int = 3) -> str:
+    return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
+
+
+def _chunk_files(array_dir: Path) -> dict[str, int]:
+    """``{chunk key: size}`` of an array's chunk files (every file but its ``zarr.json``)."""
+    files: dict[str, int] = {}
+    for here, _dirs, names in os.walk(array_dir):
+        rel = Path(here).relative_to(array_dir).as_posix()
+        for name in names:
+            if rel == "." and name == "zarr.json":
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                files[name if rel == "." else f"{rel}/{name}"] = os.stat(os.path.join(here, name)).st_size
+    return files
+
+
+def _digest(files: Mapping[str, int]) -> str:
+    """sha256 of the sorted ``"<chunk key>\t<size>\n"`` lines: checkable from a listing alone."""
+    h = hashlib.sha256()
+    for name in sorted(files):
+        h.update(f"{name}\t{files[name]}\n".encode())
+    return f"sha256:{h.hexdigest()}"
+
+
+def _array_meta(array_dir: Path) -> dict[str, Any]:
+    meta = json.loads((array_dir / "zarr.json").read_text())
+    if not isinstance(meta, dict) or not isinstance(meta.get("shape"), list):
+        raise ValueError("not a Zarr v3 array")
+    return meta
+
+
+def _chunk_keys(meta: Mapping[str, Any]) -> set[str] | None:
+    """The keys of every chunk the array's shape needs (None: a key encoding not known here)."""
+    shape = meta["shape"]
+    chunks = meta["chunk_grid"]["configuration"]["chunk_shape"]
+    encoding = meta.get("chunk_key_encoding", {})
+    name = encoding.get("name", "default")
+    sep = encoding.get("configuration", {}).get("separator", "/" if name == "default" else ".")
+    grid = [math.ceil(n / c) for n, c in zip(shape, chunks, strict=True)]
+    index = itertools.product(*(range(g) for g in grid))
+    if name == "default":
+        return {sep.join(["c", *map(str, i)]) for i in index}
+    if name == "v2":
+        return {sep.join(map(str, i)) or "0" for i in index}
+    return None
+
+
+def _chunk_record(slide_dir: Path) -> dict[str, dict[str, Any]] | None:
+    """``{array: {"count", "digest"}}`` of a staged slide (kept in its attrs as ``chunks``)."""
+    record = {}
+    for name in ARRAYS:
+        files = _chunk_files(slide_dir / name)
+        wanted = _chunk_keys(_array_meta(slide_dir / name))
+        for key in set(files) - wanted if wanted is not None else ():  # beyond the trimmed shape
+            (slide_dir / name / key).unlink()
+            del files[key]
+        if wanted is not None and set(files) != wanted:
+            raise StoreError(
+                f"{slide_dir}: array {name!r} has chunk files {_few(sorted(files))} but its shape needs "
+                f"{_few(sorted(wanted))}. Fix: this is a bug in slidepipe's writer; please report it"
+            )
+        record[name] = {"count": len(files), "digest": _digest(files)}
+    return record
+
+
+def _check_array(
+    array_dir: Path, name: str, record: Any, n_rows: Any, *, deep: bool
+) -> tuple[list[ChunkProblem], bool]:
+    """Problems of one array (shallow: listing and sizes; ``deep``: every chunk decoded too) and
+    whether its chunks carry checksums."""
+    try:
+        meta = _array_meta(array_dir)
+        wanted = _chunk_keys(meta)
+    except FileNotFoundError:
+        return [ChunkProblem(name, "the array is missing (no zarr.json)")], False
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        return [ChunkProblem(name, f"unreadable array metadata ({err})")], False
+    checksummed = any(isinstance(c, dict) and c.get("name") == "crc32c" for c in meta.get("codecs", []))
+    record = record if isinstance(record, dict) else {}
+    out: list[str] = []
+    if isinstance(n_rows, int) and meta["shape"] and meta["shape"][0] != n_rows:
+        out.append(f"{meta['shape'][0]} rows, the slide records n_tiles={n_rows}")
+    files = _chunk_files(array_dir)
+    if wanted is not None:
+        if missing := sorted(wanted - files.keys()):
+            out.append(f"{len(missing)} of {len(wanted)} chunk files missing ({_few(missing)})")
+        if extra := sorted(files.keys() - wanted):
+            out.append(f"{len(extra)} chunk files beyond its shape ({_few(extra)})")
+    count = record.get("count")
+    if isinstance(count, int) and count != len(files) and not out:
+        out.append(f"{len(files)} chunk files, {count} recorded at commit")
+    if empty := sorted(k for k, size in files.items() if size == 0):
+        out.append(f"{len(empty)} empty chunk files ({_few(empty)})")
+    if not out and record.get("digest") not in (None, _digest(files)):
+        out.append("chunk file sizes differ from those recorded at commit (a chunk was truncated or rewritten)")
+    if deep:
+        out += _decode_chunks(array_dir, files)
+    return [ChunkProblem(name, reason) for reason in out], checksummed
+
+
+def _decode_chunks(array_dir: Path, files: Mapping[str, int]) -> list[str]:
+    """Decode every chunk file present (its crc32c is checked on the way); the failures."""
+    try:
+        array = zarr.open_array(array_dir, mode="r")
+    except Exception as err:  # noqa: BLE001 - any failure to open it is the finding
+        return [f"cannot be opened ({type(err).__name__}: {err})"]
+    bad = []
+    for index in itertools.product(*(range(n) for n in array.cdata_shape)):
+        key = array.metadata.encode_chunk_key(index)
+        if key not in files:
+            continue  # reported as missing already
+        try:
+            array.get_block_selection(index)
+        except MemoryError:
+            raise
+        except Exception as err:  # noqa: BLE001 - a chunk that does not decode is the finding
+            bad.append(f"{key} ({type(err).__name__}: {err})")
+    return [f"{len(bad)} of {len(files)} chunks fail to decode or their checksum: {_few(bad, 2)}"] if bad else []
+
+
+def check_slide_dir(slide_dir: str | Path, *, deep: bool = False) -> SlideCheck:
+    """Check one slide directory of a store (see ``verify_store``)."""
+    slide_dir = Path(slide_dir)
+    result = SlideCheck(slide_dir.name)
+    try:
+        attrs = json.loads((slide_dir / "zarr.json").read_text()).get("attributes", {})
+    except FileNotFoundError:
+        result.problems.append(ChunkProblem("zarr.json", "its metadata (zarr.json) is missing"))
+        return result
+    except (OSError, ValueError, AttributeError) as err:
+        result.problems.append(ChunkProblem("zarr.json", f"its metadata (zarr.json) is unreadable ({err})"))
+        return result
+    if attrs.get("complete") is not True:
+        result.problems.append(ChunkProblem("zarr.json", "not marked complete (complete=true missing)"))
+    records = attrs.get("chunks")
+    result.recorded = isinstance(records, dict)
+    for name in records if isinstance(records, dict) else ARRAYS:
+        problems, checksummed = _check_array(
+            slide_dir / name, name, records.get(name) if result.recorded else None, attrs.get("n_tiles"), deep=deep
+        )
+        result.problems += problems
+        result.checksummed = result.checksummed and checksummed
+    return result
+
+
+def verify_store(path: str | Path, *, deep: bool = False) -> list[SlideCheck]:
+    """Check every slide of a store: shallow (default), every chunk file present, non-empty and
+    of the recorded sizes (a listing, nothing read); ``deep``, every chunk decoded as well (its
+    crc32c checked). Returns one ``SlideCheck`` per directory under ``slides/`` (sorted), after
+    one with ``slide_id=None`` if the root metadata is lost. ``StoreError`` if ``path`` is no store.
+    """
+    path = Path(path)
+    slides = path / "slides"
+    results = []
+    if not (path / "zarr.json").is_file():
+        if not slides.is_dir():
+            raise StoreError(
+                f"{path}: not a slidepipe feature store (no zarr.json, no slides/). Fix: check the path"
+            )
+        results.append(SlideCheck(None, [ChunkProblem("zarr.json", "the root metadata (zarr.json: the "
+                                                      "store's encoder, tiling, stain) is missing")]))
+    elif _root_attrs(path).get("identity_lost"):
+        results.append(SlideCheck(None, [ChunkProblem("zarr.json", "the root metadata was lost and "
+                                                      "recreated without the store's identity")]))
+    dirs = sorted(p for p in slides.iterdir() if p.is_dir()) if slides.is_dir() else []
+    return results + [check_slide_dir(d, deep=deep) for d in dirs]
+
+
+def _root_attrs(path: Path) -> dict[str, Any]:
+    try:
+        return dict(json.loads((path / "zarr.json").read_text()).get("attributes", {}))
+    except (OSError, ValueError, AttributeError):
+        return {}
+
+
+def _has_slides(path: Path) -> bool:
+    slides = path / "slides"
+    return slides.is_dir() and any(p.is_dir() for p in slides.iterdir())
+
+
 class FeatureStore:
     """A Zarr v3 store of per-slide patch features.
 
@@ -231,6 +463,13 @@ class FeatureStore:
         self._expected: dict[str, Any] | None = None  # the identity this object's slides are written under
         if mode == "r":
             if not (self.path / "zarr.json").is_file():
+                if _has_slides(self.path):
+                    raise StoreError(
+                        f"{self.path}: the store's root metadata (zarr.json: encoder, tiling, stain) is "
+                        "missing, so what its slides were extracted with is unknown. Fix: rerun "
+                        "`slidepipe extract` with the store's settings (it rebuilds the root from the "
+                        "slides' records where they agree), or pass --overwrite to replace its contents"
+                    )
                 raise StoreError(
                     f"{self.path}: not a slidepipe feature store (no zarr.json). "
                     "Fix: check the path, or create it with `slidepipe extract --out`"
@@ -239,9 +478,13 @@ class FeatureStore:
             for sub in ("slides", ".staging", ".claims"):
                 (self.path / sub).mkdir(parents=True, exist_ok=True)
             with self._lock():
+                lost = not (self.path / "zarr.json").is_file() and _has_slides(self.path)
                 root = zarr.open_group(self.path, mode="a")
                 if "format_version" not in root.attrs:
                     root.attrs["format_version"] = FORMAT_VERSION
+                if lost:  # its slides' identity is unknown: nothing is written until it is settled
+                    log.warning("%s: root metadata (zarr.json) is missing but the store holds slides", self.path)
+                    root.attrs["identity_lost"] = True
                 if not (self.path / "slides" / "zarr.json").is_file():
                     root.require_group("slides")
         version = self.attrs.get("format_version")
@@ -280,12 +523,24 @@ class FeatureStore:
         """Record ``identity`` (encoder, tiling, stain) in a new store, or check it matches.
 
         A mismatch raises ``StoreMismatchError`` naming both values; with ``overwrite=True``
-        the identity is replaced and the slides written under the old one are deleted.
+        the identity is replaced and the slides written under the old one are deleted. A store
+        whose root metadata was lost (``identity_lost``) gets back the identity its slides record
+        when they all agree; otherwise it is a mismatch too.
         """
         self._require_writable()
         wanted = _jsonable({k: identity[k] for k in IDENTITY_KEYS if k in identity})
         with self._lock():
             root = zarr.open_group(self.path, mode="a")
+            if root.attrs.get("identity_lost"):
+                if overwrite:
+                    log.warning("%s: root metadata was lost; --overwrite deletes its %d slides",
+                                self.path, len(self.slide_ids()))
+                    self._drop_all_slides()
+                    root.attrs.update(wanted)
+                    del root.attrs["identity_lost"]
+                    self._expected = wanted
+                    return
+                self._restore_identity(root)
             current = {k: root.attrs[k] for k in IDENTITY_KEYS if k in root.attrs}
             if not current:
                 root.attrs.update(wanted)
@@ -307,6 +562,26 @@ class FeatureStore:
             root.attrs.update(wanted)
             self._expected = wanted
 
+    def _restore_identity(self, root: Any) -> None:
+        """Put back the identity every slide records (``store_identity``), or raise."""
+        seen = set()
+        for d in (p for p in (self.path / "slides").iterdir() if p.is_dir()):
+            try:
+                seen.add(json.dumps(self.slide_attrs(d.name).get("store_identity"), sort_keys=True))
+            except (StoreError, AttributeError):
+                seen.add("null")
+        if len(seen) != 1 or seen == {"null"} or not json.loads(next(iter(seen))):
+            why = "they do not all record it" if "null" in seen else "they record different ones"
+            raise StoreMismatchError(
+                f"{self.path}: the store's root metadata (zarr.json) was lost, so the encoder, tiling and "
+                f"stain of its slides are unknown ({why}). Fix: pass --overwrite to replace its "
+                "contents, or write to a new store with --out"
+            )
+        restored = json.loads(next(iter(seen)))
+        log.warning("%s: root metadata was lost; identity rebuilt from its slides: %s", self.path, restored)
+        root.attrs.update(restored)
+        del root.attrs["identity_lost"]
+
     def save_config(self, config: Mapping[str, Any]) -> None:
         """Keep the resolved run config in the root attrs (``config``)."""
         self._require_writable()
@@ -317,7 +592,7 @@ class FeatureStore:
         slides = self.path / "slides"
         for child in list(slides.iterdir()):
             if child.is_dir():
-                trash = self.path / ".staging" / f"trash-{uuid.uuid4().hex}"
+                trash = self.path / ".staging" / f"{TRASH_PREFIX}{uuid.uuid4().hex}"
                 os.rename(child, trash)
                 shutil.rmtree(trash, ignore_errors=True)
 
@@ -327,7 +602,7 @@ class FeatureStore:
 
     # ------------------------------------------------------------------ reading
     def _slide_dir(self, slide_id: str) -> Path:
-        if not slide_id or "/" in slide_id or slide_id.startswith("."):
+        if not slide_id or "/" in slide_id or slide_id.startswith(".") or slide_id == "zarr.json":
             raise StoreError(f"{self.path}: invalid slide id {slide_id!r}. Fix: use the file name without '/'")
         return self.path / "slides" / slide_id
 
@@ -338,54 +613,85 @@ class FeatureStore:
             return dict(json.loads(meta.read_text()).get("attributes", {}))
         except FileNotFoundError:
             return None
-        except json.JSONDecodeError as err:
-            raise StoreError(f"{meta}: unreadable metadata ({err}). Fix: re-extract with --overwrite") from err
+        except (json.JSONDecodeError, AttributeError) as err:
+            raise StoreCorruptError(self.path, slide_id, None, f"unreadable metadata {meta} ({err})") from err
 
-    def is_complete(self, slide_id: str) -> bool:
-        """True if the slide is in ``slides/`` with ``complete=true``."""
+    def _committed(self, slide_id: str) -> bool:
         attrs = self.slide_attrs(slide_id)
         return bool(attrs and attrs.get("complete") is True)
 
+    def check(self, slide_id: str, *, deep: bool = False) -> SlideCheck:
+        """The slide's chunks checked: shallow (listing and sizes) or ``deep`` (every chunk decoded)."""
+        return check_slide_dir(self._slide_dir(slide_id), deep=deep)
+
+    def _require_intact(self, slide_id: str) -> None:
+        """``StoreCorruptError`` if a chunk file of the slide is missing, empty or of another size."""
+        problems = self.check(slide_id).problems
+        if problems:
+            raise StoreCorruptError(self.path, slide_id, problems[0].array, "; ".join(map(str, problems)))
+
+    def is_complete(self, slide_id: str) -> bool:
+        """True if the slide is in ``slides/`` with ``complete=true`` and all its chunk files are
+        there with the recorded sizes (a listing: nothing is read); a corrupt slide is absent."""
+        try:
+            return self._committed(slide_id) and self.check(slide_id).ok
+        except StoreCorruptError:
+            return False
+
     def slide_ids(self) -> list[str]:
-        """Ids of complete slides, sorted."""
+        """Ids of committed slides (``complete=true``), sorted. Their chunks are not checked here:
+        reading a corrupt one raises ``StoreCorruptError`` (it is never silently left out)."""
         slides = self.path / "slides"
         if not slides.is_dir():
             return []
-        return sorted(p.name for p in slides.iterdir() if p.is_dir() and self.is_complete(p.name))
+        return sorted(p.name for p in slides.iterdir() if p.is_dir() and self._committed(p.name))
 
     def __contains__(self, slide_id: object) -> bool:
-        return isinstance(slide_id, str) and self.is_complete(slide_id)
+        return isinstance(slide_id, str) and self._committed(slide_id)
 
     def __len__(self) -> int:
         return len(self.slide_ids())
 
     def read(self, slide_id: str) -> SlideFeatures:
-        """Read one complete slide into memory."""
-        if not self.is_complete(slide_id):
+        """Read one complete slide into memory; ``StoreCorruptError`` if a chunk is missing, empty,
+        truncated or fails its checksum."""
+        if not self._committed(slide_id):
             raise StoreError(
                 f"{self.path}: slide {slide_id!r} is not in the store (or not complete). "
                 f"Fix: extract it first; the store has {len(self.slide_ids())} complete slides"
             )
-        group = zarr.open_group(self._slide_dir(slide_id), mode="r")
+        self._require_intact(slide_id)
         return SlideFeatures(
             slide_id=slide_id,
-            features=np.asarray(group["features"][...]),
-            coords=np.asarray(group["coords"][...]),
-            tissue=np.asarray(group["tissue"][...]),
-            attrs=dict(group.attrs.asdict()),
+            features=self._read_array(slide_id, "features"),
+            coords=self._read_array(slide_id, "coords"),
+            tissue=self._read_array(slide_id, "tissue"),
+            attrs=self.slide_attrs(slide_id) or {},
         )
+
+    def _read_array(self, slide_id: str, name: str) -> np.ndarray:
+        try:
+            return np.asarray(zarr.open_array(self._slide_dir(slide_id) / name, mode="r")[...])
+        except MemoryError:
+            raise
+        except Exception as err:  # a chunk that fails to decode or its crc32c: name the slide
+            raise StoreCorruptError(
+                self.path, slide_id, name, f"array {name!r}: a chunk fails to decode or its checksum "
+                f"({type(err).__name__}: {err})"
+            ) from err
 
     def load_bags(self, slide_ids: Iterable[str] | None = None) -> dict[str, np.ndarray]:
         """All features of the given (default: all complete) slides in memory, float16 (N, D)."""
         ids = self.slide_ids() if slide_ids is None else list(slide_ids)
         bags: dict[str, np.ndarray] = {}
         for sid in ids:
-            if not self.is_complete(sid):
+            if not self._committed(sid):
                 raise StoreError(
                     f"{self.path}: slide {sid!r} is not in the store. "
                     "Fix: extract it, or drop it from the label table"
                 )
-            bags[sid] = np.asarray(zarr.open_array(self._slide_dir(sid) / "features", mode="r")[...])
+            self._require_intact(sid)
+            bags[sid] = self._read_array(sid, "features")
         return bags
 
     # ------------------------------------------------------------------ slide identity
@@ -399,8 +705,18 @@ class FeatureStore:
         with a different identity raises ``StoreMismatchError`` unless ``overwrite``. With
         ``overwrite``, a same-identity slide committed at or after ``run_started`` (a Unix time:
         the overwriting run's start) is that run's own work, or a concurrent run's, and is kept.
+        A slide with a missing, empty or resized chunk file (or unreadable metadata) is corrupt:
+        False, it is written again.
         """
-        attrs = self.slide_attrs(slide_id)
+        try:
+            attrs = self.slide_attrs(slide_id)
+            problems = self.check(slide_id).problems if attrs and attrs.get("complete") is True else None
+        except StoreCorruptError as err:
+            attrs, problems = None, [ChunkProblem("zarr.json", err.reason)]
+        if problems:
+            log.warning("%s: slide %r is corrupt (%s): extracting it again",
+                        self.path, slide_id, "; ".join(map(str, problems)))
+            return False
         if not attrs or attrs.get("complete") is not True:
             return False
         stored = attrs.get("source", {})
@@ -509,6 +825,8 @@ class FeatureStore:
 
     def _clean_staging(self, slide_id: str) -> None:
         for p in self._staging_dirs():
+            if p.name.startswith("."):  # rubbish being removed by whoever made it
+                continue
             sid, _, tail = p.name.rpartition("-")
             if sid == slide_id and len(tail) == 32:
                 log.info("%s: removing leftover staging dir %s", self.path, p.name)
@@ -520,7 +838,10 @@ class FeatureStore:
         removed = 0
         for p in self._staging_dirs():
             sid, _, tail = p.name.rpartition("-")
-            if sid == "trash" or len(tail) != 32:
+            # rubbish is dot-prefixed (TRASH_PREFIX); a slide's staging is "<slide id>-<32 hex>",
+            # so a slide may be called "trash" (the rubbish of older versions, "trash-<hex>", is
+            # taken for that slide's and removed unless a live process holds its claim)
+            if p.name.startswith(".") or not sid or len(tail) != 32:
                 shutil.rmtree(p, ignore_errors=True)
                 removed += 1
                 continue
@@ -546,6 +867,8 @@ class FeatureStore:
         if self._expected is None:
             self._expected = _jsonable(self.identity)
         self._refuse_if_identity_changed(slide_id)  # fail early, not only after all the work
+        if self._expected:  # lets a store whose root metadata is lost get its identity back
+            attrs = {**(attrs or {}), "store_identity": self._expected}
         with contextlib.ExitStack() as stack:
             if slide_id not in self._held:
                 stack.enter_context(self.claim(slide_id))
@@ -600,7 +923,7 @@ class FeatureStore:
                 old = staging  # now holds the replaced slide
             else:
                 if replacing:  # no atomic exchange here: absent between the two renames
-                    old = self.path / ".staging" / f"trash-{uuid.uuid4().hex}"
+                    old = self.path / ".staging" / f"{TRASH_PREFIX}{uuid.uuid4().hex}"
                     os.rename(target, old)
                 os.rename(staging, target)  # the one atomic step that makes the slide visible
         _fsync(target.parent)
@@ -611,7 +934,16 @@ class FeatureStore:
     def _refuse_if_identity_changed(self, slide_id: str) -> None:
         """``StoreError`` if the root identity differs from the one this object writes under (set
         by ``ensure_identity``, else by its first ``writer``; a store without one checks nothing)."""
-        current, expected = self.identity, self._expected or {}
+        attrs = self.attrs
+        if attrs.get("identity_lost"):
+            raise StoreMismatchError(
+                f"{self.path}: slide {slide_id!r} was not written: the store's root metadata (zarr.json) "
+                "was lost, so the encoder, tiling and stain of its slides are unknown. Fix: rerun "
+                "`slidepipe extract` with the store's settings (it rebuilds the root from the slides' "
+                "records where they agree), pass --overwrite to replace its contents, or use a new --out"
+            )
+        current = {k: attrs[k] for k in IDENTITY_KEYS if k in attrs}
+        expected = self._expected or {}
         changed = ", ".join(k for k in sorted(expected) if current.get(k) != expected[k])
         if changed:
             raise StoreError(
@@ -628,7 +960,7 @@ class FeatureStore:
             if slide_id not in self._held:
                 stack.enter_context(self.claim(slide_id))
             if target.exists():
-                trash = self.path / ".staging" / f"trash-{uuid.uuid4().hex}"
+                trash = self.path / ".staging" / f"{TRASH_PREFIX}{uuid.uuid4().hex}"
                 os.rename(target, trash)
                 shutil.rmtree(trash, ignore_errors=True)
 
@@ -687,13 +1019,17 @@ class SlideWriter:
         self.n = 0
         shape = max(0, int(capacity))
         self.group = zarr.open_group(path, mode="w")
+        # every chunk is written, all-zero ones too (its absence is damage) and checksummed
+        opts: dict[str, Any] = {"compressors": _compressors(), "config": {"write_empty_chunks": True}}
         self.features = self.group.create_array(
-            "features", shape=(shape, self.dim), dtype="float16", chunks=(self.rows, self.dim)
+            "features", shape=(shape, self.dim), dtype="float16", chunks=(self.rows, self.dim), **opts
         )
         # coords and tissue: chunks of a whole number of feature chunks, >= 65,536 rows
         side_rows = self.rows * max(1, -(-(1 << 16) // self.rows))
-        self.coords = self.group.create_array("coords", shape=(shape, 2), dtype="int64", chunks=(side_rows, 2))
-        self.tissue = self.group.create_array("tissue", shape=(shape,), dtype="float32", chunks=(side_rows,))
+        self.coords = self.group.create_array(
+            "coords", shape=(shape, 2), dtype="int64", chunks=(side_rows, 2), **opts
+        )
+        self.tissue = self.group.create_array("tissue", shape=(shape,), dtype="float32", chunks=(side_rows,), **opts)
         self._columns = [_Column(self.features, self.rows), _Column(self.coords, side_rows),
                          _Column(self.tissue, side_rows)]  # fmt: skip
         self._io: ThreadPoolExecutor | None = None
@@ -752,6 +1088,9 @@ class SlideWriter:
         attrs.setdefault("created", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
         attrs["n_tiles"] = self.n
         attrs["feature_dim"] = self.dim
+        record = _chunk_record(self.path)
+        if record is not None:
+            attrs["chunks"] = record
         attrs["complete"] = True
         self.group.attrs.update(attrs)
         # when it was written, by the clock of the store's file system (shared by every host that

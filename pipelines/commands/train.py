@@ -104,6 +104,10 @@ def command(
         typer.Option("--tensorboard/--no-tensorboard",
                      help="also write TensorBoard scalars to OUT/tensorboard/<fold> (needs slidepipe[tensorboard])"),  # fmt: skip
     ] = None,
+    overwrite: Annotated[
+        bool | None,
+        typer.Option("--overwrite/--no-overwrite", help="replace an existing run in --out (swapped in once complete)"),
+    ] = None,
     cluster: ClusterOption = None,
     cluster_config: ClusterConfigOption = None,
     config: Annotated[Path | None, typer.Option("--config", help=CONFIG_HELP)] = None,
@@ -129,7 +133,7 @@ def command(
         "weight_decay": weight_decay, "batch_size": batch_size, "max_batch_tokens": max_batch_tokens,
         "max_instances": max_instances, "tensorboard": tensorboard,
         "balance": balance, "standardize": standardize, "seed": seed, "device": device,
-        "torch_threads": threads, "allow_missing": allow_missing,
+        "torch_threads": threads, "allow_missing": allow_missing, "overwrite": overwrite,
     }  # fmt: skip
     job = resolve_config(TrainJob, config, overrides)
     apply_cluster(job, cluster, cluster_config)

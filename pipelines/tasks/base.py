@@ -46,6 +46,8 @@ class Task(ABC):
     #: a loss that is a sum over bags (divided by a denominator that depends on labels only) can be
     #: accumulated over several passes of a batch; the Cox partial likelihood cannot
     decomposable: ClassVar[bool] = True
+    #: bags per optimizer step when the job does not say (``TrainJob.batch_size``)
+    default_batch_size: ClassVar[int] = 1
 
     def __init__(self, columns: Sequence[str], *, loss: str | None = None, balance: str = "none",
                  **options: Any) -> None:  # fmt: skip

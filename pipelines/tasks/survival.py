@@ -73,6 +73,7 @@ class SurvivalTask(Task):
         if len(self.columns) != 2:
             raise ValueError(f"survival needs a time and an event column, got {self.columns}")
         self.decomposable = self.loss_name != "cox"
+        self.default_batch_size = 16 if self.loss_name == "cox" else 1  # a Cox batch is a set of risk sets
 
     def encode(self, table: pd.DataFrame, *, name: str = "label table", learn: bool = True) -> Targets:
         tcol, ecol = self.columns
