@@ -54,6 +54,16 @@ def _fmt_p(p: float) -> str:
     return f"{p:.2g}" if p >= 1e-4 else f"{p:.1e}"
 
 
+def _unit_axes(ax, xlabel: str, ylabel: str, title: str, *, legend: str) -> None:
+    """Axes of a plot on the unit square (ROC, calibration): limits, labels, title, legend."""
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.01)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(loc=legend, fontsize=7)
+
+
 def roc_png(
     y_true_binary: np.ndarray,
     score: np.ndarray,
@@ -85,12 +95,7 @@ def roc_png(
     else:
         _note(ax, "ROC undefined: fewer than two classes")
     ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=1, label="chance")
-    ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1.01)
-    ax.set_xlabel("false positive rate")
-    ax.set_ylabel("true positive rate")
-    ax.set_title(title)
-    ax.legend(loc="lower right", fontsize=7)
+    _unit_axes(ax, "false positive rate", "true positive rate", title, legend="lower right")
     return _png(plt, fig)
 
 
@@ -137,12 +142,7 @@ def calibration_png(
         )
     else:
         _note(ax, "no binary labels to calibrate against")
-    ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1.01)
-    ax.set_xlabel("mean predicted probability")
-    ax.set_ylabel("observed fraction positive")
-    ax.set_title(title)
-    ax.legend(loc="best", fontsize=7)
+    _unit_axes(ax, "mean predicted probability", "observed fraction positive", title, legend="best")
     return _png(plt, fig)
 
 

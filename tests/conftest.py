@@ -280,3 +280,14 @@ def corrupt_slide(synthetic_dir) -> Path:
         f.seek(offset + 20)
         f.write(b"\0" * (count - 40))
     return path
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models: one torch thread is faster and steadier on a shared machine (module-wide)."""
+    import torch
+
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(prev)

@@ -25,12 +25,7 @@ IDENTITY = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: steadier on a shared machine
 
 
 def cohort(root, seed, identity=IDENTITY, n=60):

@@ -21,13 +21,7 @@ from pipelines.tasks import create_task, list_tasks, task_from_dict
 from pipelines.tasks.survival import cox_breslow_loss
 from pipelines.train import train_mil
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: steadier on a shared machine
 
 
 @pytest.fixture(scope="module")

@@ -47,13 +47,7 @@ HEAD_KW = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one torch thread is faster and steadier on a shared machine."""
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: steadier on a shared machine
 
 
 def write_witness_store(root: Path, *, n: int = 60, seed: int = 0) -> tuple[Path, Path]:
