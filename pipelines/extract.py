@@ -547,6 +547,9 @@ def _run_slides(
             with contextlib.suppress(BaseException):  # a second Ctrl-C: the cleanup below still runs
                 events.close()  # the producer thread stops; events it queued are dropped
         consumer.close_all(err)
+        with contextlib.suppress(Exception):  # slides whose commit finished are in the store: say so
+            for res in consumer.results():
+                report(res, last_pass=True)
         for w in producer.handed:  # started slides whose "start" the consumer never saw
             if not w.taken:
                 with contextlib.suppress(Exception):
@@ -629,14 +632,45 @@ def run_extract(
     # written_at (their zarr.json's mtime) is older than this run's config file
     run_started = run_config.stat().st_mtime
     log.info("extracting %d slides into %s with %s (%s)", len(paths), job.out, encoder.spec.name, encoder.device)
+    seen = _Seen(progress or _NoProgress())
     try:
         run = _run_on_cluster if job.cluster is not None else _run_slides
-        for res in run(paths, job, store, encoder, progress or _NoProgress(), run_started):
+        for res in run(paths, job, store, encoder, seen, run_started):
             summary.add(res)
+    except BaseException as err:  # Ctrl-C, SIGTERM: the summary still says what this run committed
+        summary.interrupted = str(err) or type(err).__name__
+        summary.results = seen.partial(summary.interrupted)
+        raise
     finally:
         summary.finished = time.time()
         summary.write(runs / f"{stamp}-{os.getpid()}-summary.json")
     return summary
+
+
+class _Seen:
+    """Passes progress on and remembers it, so an interrupted run's summary lists the slides it
+    finished (committed, skipped, failed) and names those it stopped as ``interrupted``."""
+
+    def __init__(self, inner: ExtractProgress) -> None:
+        self.inner = inner
+        self.started: dict[str, None] = {}
+        self.finished: list[SlideResult] = []
+
+    def slide_started(self, slide_id: str, n_patches: int) -> None:
+        self.started[slide_id] = None
+        self.inner.slide_started(slide_id, n_patches)
+
+    def patches_done(self, n: int) -> None:
+        self.inner.patches_done(n)
+
+    def slide_finished(self, result: SlideResult) -> None:
+        self.finished.append(result)
+        self.inner.slide_finished(result)
+
+    def partial(self, reason: str) -> list[SlideResult]:
+        done = {r.slide_id for r in self.finished}
+        stopped = [SlideResult(sid, "", "interrupted", reason=f"stopped: {reason}") for sid in self.started if sid not in done]
+        return [*self.finished, *stopped]
 
 
 __all__ = ["ExtractProgress", "StoreMismatchError", "extract_slide", "load_encoder", "open_store",

@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-Status = Literal["done", "skipped", "failed"]
+Status = Literal["done", "skipped", "failed", "interrupted"]
 
 
 @dataclass
@@ -42,6 +42,8 @@ class RunSummary:
     results: list[SlideResult] = field(default_factory=list)
     started: float = field(default_factory=time.time)
     finished: float | None = None
+    #: why the run stopped early (Ctrl-C, SIGTERM ...); None for a run that went through
+    interrupted: str | None = None
 
     def add(self, result: SlideResult) -> None:
         self.results.append(result)
@@ -71,6 +73,7 @@ class RunSummary:
             "n_failed": self.n_failed,
             "n_busy": self.n_busy,
             "n_patches": self.n_patches,
+            "interrupted": self.interrupted,
             "slides": [asdict(r) for r in self.results],
         }
 
@@ -92,7 +95,7 @@ class RunSummary:
         t = Table(title=f"slidepipe {self.job}: {len(self.results)} slides, {self.n_failed} failed{busy}")
         for col in ("slide", "status", "patches", "seconds", "reason"):
             t.add_column(col, overflow="fold")
-        style = {"done": "green", "skipped": "cyan", "failed": "red"}
+        style = {"done": "green", "skipped": "cyan", "failed": "red", "interrupted": "yellow"}
         for r in self.results:
             t.add_row(r.slide_id, f"[{style[r.status]}]{r.status}", str(r.n_patches), f"{r.seconds:.2f}", r.reason or "")
         return t

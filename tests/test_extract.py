@@ -417,6 +417,14 @@ def test_sigterm_cleans_up_like_ctrl_c(tmp_path, sig):
     assert 1 <= len(store.slide_ids()) < 4
     assert not [p for p in staging.iterdir() if not p.name.startswith(".")], "partial slide left in staging"
     assert not list((Path(job.out) / ".claims").glob("*.claim")), "claims not released"
+    (summary,) = (Path(job.out) / "runs").glob("*-summary.json")
+    summary = json.loads(summary.read_text())
+    assert summary["interrupted"] == f"signal {signal.Signals(sig).name}"
+    status = {s["slide_id"]: (s["status"], s["reason"]) for s in summary["slides"]}
+    assert {sid for sid, (st, _) in status.items() if st == "done"} == set(store.slide_ids())  # committed
+    stopped = [(sid, reason) for sid, (st, reason) in status.items() if st == "interrupted"]
+    assert stopped and all(reason == f"stopped: signal {signal.Signals(sig).name}" for _, reason in stopped)
+    assert summary["n_slides"] == len(status) >= 2
     rerun = subprocess.run(_cli(job), env=_env(), capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     assert len(FeatureStore(job.out, mode="r").slide_ids()) == 4
