@@ -268,3 +268,30 @@ def test_rubbish_of_old_and_new_names_is_still_cleaned(tmp_path):
     store.write("s", *_arrays(12, seed=1))  # replaced: the old copy goes through .trash-
     store.delete("s")
     assert not list((store.path / ".staging").iterdir()) and store.slide_ids() == []
+
+
+def test_a_foreign_directory_or_a_file_is_not_adopted_as_a_store(tmp_path):
+    """A user's folder, another Zarr group or a file as --out: refused, nothing written into it."""
+    import zarr
+
+    from wsi.errors import StoreError
+    from wsi.store import FeatureStore
+
+    folder = tmp_path / "my-notes"
+    folder.mkdir()
+    (folder / "todo.txt").write_text("x")
+    with pytest.raises(StoreError, match=r"my-notes: not a slidepipe feature store \(it holds todo.txt\).*Fix"):
+        FeatureStore(folder)
+    assert sorted(p.name for p in folder.iterdir()) == ["todo.txt"]  # nothing written into it
+    other = tmp_path / "other.zarr"
+    zarr.open_group(other, mode="w").create_array("x", shape=(3,), dtype="f4")
+    with pytest.raises(StoreError, match="other.zarr: not a slidepipe feature store"):
+        FeatureStore(other)
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    with pytest.raises(StoreError, match="afile: is a file, not a feature store"):
+        FeatureStore(afile)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    FeatureStore(empty).write("a", np.zeros((2, 4), np.float16), np.zeros((2, 2), np.int64))
+    assert FeatureStore(empty).slide_ids() == ["a"]  # an empty folder, and then the store, are fine

@@ -221,6 +221,31 @@ def _read_claim(path: Path) -> dict[str, Any] | None:
     return info if isinstance(info, dict) else {}
 
 
+_STORE_ENTRIES = frozenset({"zarr.json", "slides", ".staging", ".claims", ".lock", "runs"})
+
+
+def _refuse_foreign(path: Path) -> None:
+    """A directory that holds other things than a store (a user's folder, another Zarr group) is
+    never adopted as one: writing slides into it would mix them with what is there."""
+    root = path / "zarr.json"
+    if root.is_file():
+        try:
+            attrs = json.loads(root.read_text()).get("attributes") or {}
+        except (OSError, ValueError):
+            attrs = {}
+        if "format_version" in attrs:
+            return  # a slidepipe store
+    elif _has_slides(path):
+        return  # a store whose root metadata was lost: handled by the caller
+    others = sorted(p.name for p in path.iterdir() if p.name not in _STORE_ENTRIES)
+    if others or (root.is_file() and any((path / "slides").iterdir())):
+        shown = ", ".join(others[:5]) or "zarr.json"
+        raise StoreError(
+            f"{path}: not a slidepipe feature store (it holds {shown}{' ...' if len(others) > 5 else ''}). "
+            "Fix: pass a new or empty directory as --out (or the path of an existing store)"
+        )
+
+
 # ---------------------------------------------------------------------- chunk integrity
 def _compressors() -> list[Any]:
     """zstd, then a crc32c checksum of each compressed chunk, verified whenever it is decoded."""
@@ -475,6 +500,11 @@ class FeatureStore:
                     "Fix: check the path, or create it with `slidepipe extract --out`"
                 )
         else:
+            if self.path.exists() and not self.path.is_dir():
+                raise StoreError(f"{self.path}: is a file, not a feature store. Fix: pass a directory (new, empty "
+                                 "or an existing store) as --out")  # fmt: skip
+            if self.path.is_dir():
+                _refuse_foreign(self.path)  # before anything is written into it
             for sub in ("slides", ".staging", ".claims"):
                 (self.path / sub).mkdir(parents=True, exist_ok=True)
             with self._lock():
