@@ -83,6 +83,9 @@ class TileJob(_Model):
     workers: int = Field(1, ge=1, description="reader threads per slide")
     save_patches: Literal["none", "png", "jpeg"] = "none"
     skip_corrupt_tiles: bool = False
+    overwrite: bool = Field(
+        False, description="replace a slide that --out holds from another file with the same slide id"
+    )
     cluster: ClusterConfig | None = None
 
 

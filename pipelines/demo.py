@@ -245,7 +245,8 @@ def run_demo(job: DemoJob, *, echo=print) -> DemoResult:
     stage("generate cohort", t0, len(cohort), "slides")
 
     t0 = time.perf_counter()
-    tile_sum = run_tile(TileJob(slides=[str(out / "slides")], out=out / "tiles", tiling=tiling))
+    # the demo owns its outputs: a cohort generated anew (another --task or --seed) replaces the last one
+    tile_sum = run_tile(TileJob(slides=[str(out / "slides")], out=out / "tiles", tiling=tiling, overwrite=True))
     stage("tissue + grid", t0, len(tile_sum.results), "slides")
     failed = [r for r in tile_sum.results if r.status == "failed"]
     if failed:
@@ -254,7 +255,7 @@ def run_demo(job: DemoJob, *, echo=print) -> DemoResult:
     t0 = time.perf_counter()
     ex = run_extract(
         ExtractJob(slides=[str(out / "slides")], out=out / "features.zarr", encoder=job.encoder,
-                   weights=job.weights, tiling=tiling, batch_size=64, workers=job.workers)
+                   weights=job.weights, tiling=tiling, batch_size=64, workers=job.workers, overwrite=True)
     )  # fmt: skip
     if ex.n_failed:
         bad = next(r for r in ex.results if r.status == "failed")

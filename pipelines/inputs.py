@@ -12,21 +12,43 @@ __all__ = ["SLIDE_SUFFIXES", "InputError", "expand_slides", "slide_id_for"]
 
 
 class InputError(ValueError):
-    """A slide argument matched nothing; the message names it."""
+    """A slide argument matched nothing, or named an unusable file; the message names it."""
+
+
+def _not_hidden(p: Path) -> Path:
+    """A hidden file (``.x.svs``) would give a hidden slide id, which stores refuse and outputs hide."""
+    if p.name.startswith("."):
+        raise InputError(
+            f"{p}: hidden file (its name starts with '.'): a slide id cannot start with '.', and "
+            "directories are searched without their hidden files. Fix: rename it, or link it under "
+            f"a name without the dot (in its folder: ln -s {p.name} {p.name.lstrip('.')})"
+        )
+    return p
 
 
 def expand_slides(items: Iterable[str | Path]) -> list[Path]:
-    """Files are kept as given; directories are searched (non-recursively) for slide files;
-    anything else is treated as a glob pattern. Duplicates are removed; order is sorted."""
-    found: dict[Path, None] = {}
+    """Files are kept as given; directories are searched (non-recursively) for slide files,
+    skipping hidden ones; anything else is treated as a glob pattern. A file named twice (say
+    relative and absolute) is kept once; order is sorted. Raises ``InputError`` for an argument
+    that matches no slide, a hidden file, or two files with the same slide id."""
+    found: dict[Path, Path] = {}  # resolved -> as given (the first time)
     for item in items:
         p = Path(item).expanduser()
         if p.is_file():
-            found[p] = None
+            found.setdefault(p.resolve(), _not_hidden(p))
         elif p.is_dir():
-            for child in sorted(p.iterdir()):
-                if child.is_file() and child.suffix.lower() in SLIDE_SUFFIXES:
-                    found[child] = None
+            children = [
+                c for c in sorted(p.iterdir())
+                if c.is_file() and c.suffix.lower() in SLIDE_SUFFIXES and not c.name.startswith(".")
+            ]
+            if not children:
+                raise InputError(
+                    f"{item}: no slides found in this directory (no slide files: names ending "
+                    f"{', '.join(SLIDE_SUFFIXES[:4])}, ...; hidden files are skipped). "
+                    "Fix: check the path, or pass the slide files themselves"
+                )
+            for child in children:
+                found.setdefault(child.resolve(), child)
         else:
             matches = sorted(glob.glob(str(p), recursive=True))
             files = [Path(m) for m in matches if Path(m).is_file()]
@@ -36,8 +58,8 @@ def expand_slides(items: Iterable[str | Path]) -> list[Path]:
                     "Fix: check the path or quote the glob pattern"
                 )
             for f in files:
-                found[f] = None
-    paths = sorted(found)
+                found.setdefault(f.resolve(), _not_hidden(f))
+    paths = sorted(found.values())
     ids: dict[str, Path] = {}
     for p in paths:
         sid = slide_id_for(p)

@@ -21,10 +21,14 @@ raising for a bad slide, so a Dask worker can run it (see :mod:`pipelines.cluste
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import json
 import logging
 import os
+import re
 import shutil
+import socket
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -33,15 +37,21 @@ from typing import Any
 import numpy as np
 
 from pipelines.config import TileJob, save_resolved_config
-from pipelines.inputs import expand_slides
+from pipelines.inputs import InputError, expand_slides
 from pipelines.summary import RunSummary, SlideResult
 from wsi.errors import SlideError
-from wsi.slide import Slide, open_slide, slide_id_for
+from wsi.slide import Slide, file_identity, open_slide, slide_id_for
 from wsi.tiling import TileGrid, make_grid
 
 logger = logging.getLogger(__name__)
 
 N_STAIN_PREVIEW = 8
+OUTPUT_DIRS = ("coords", "patches", "geojson", "overlays", "images", "stain")
+_TMP_RE = re.compile(r"^\..+\.tmp-(?P<pid>\d+)(?:@(?P<host>.+))?$")  # .<name>.tmp-<pid>[@<host>]
+
+
+class OutputConflictError(InputError):
+    """The output already holds a slide of the same id tiled from another file."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -49,7 +59,14 @@ N_STAIN_PREVIEW = 8
 
 
 def _tmp_name(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}@{socket.gethostname()}")
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def _replace(tmp: Path, final: Path) -> None:
@@ -58,19 +75,51 @@ def _replace(tmp: Path, final: Path) -> None:
     os.replace(tmp, final)
 
 
+@contextlib.contextmanager
+def _aside(final: Path) -> Iterator[Path]:
+    """Yield this process's temporary name for ``final``, renamed into place on success and
+    removed on any error or interruption (Ctrl-C, SIGTERM)."""
+    tmp = _tmp_name(final)
+    _remove(tmp)
+    try:
+        yield tmp
+        _replace(tmp, final)
+    except BaseException:
+        _remove(tmp)
+        raise
+
+
+def clean_stale_tmp(out: Path) -> int:
+    """Remove the temporary outputs (``<sub>/.<name>.tmp-<pid>``) left in ``out`` by processes of
+    this host that are gone (killed, or interrupted before this cleanup existed); returns the count."""
+    import psutil
+
+    removed = 0
+    host = socket.gethostname()
+    for sub in OUTPUT_DIRS:
+        folder = out / sub
+        if not folder.is_dir():
+            continue
+        for entry in folder.iterdir():
+            m = _TMP_RE.match(entry.name)
+            if m is None or m["host"] not in (None, host) or psutil.pid_exists(int(m["pid"])):
+                continue
+            logger.info("%s: removing the leftover of process %s", entry, m["pid"])
+            _remove(entry)
+            removed += 1
+    return removed
+
+
 def write_coords_zarr(path: Path, grid: TileGrid, attrs: dict[str, Any]) -> Path:
     """Zarr v3 group with ``coords`` (N, 2) int64 and ``tissue`` (N,) float32; ``attrs`` on the group."""
     import zarr
 
-    tmp = _tmp_name(path)
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    group = zarr.open_group(str(tmp), mode="w", zarr_format=3)
-    rows = max(1, min(len(grid), 65536))
-    group.create_array("coords", data=grid.coords, chunks=(rows, 2))
-    group.create_array("tissue", data=grid.tissue, chunks=(rows,))
-    group.attrs.update(attrs)
-    _replace(tmp, path)
+    with _aside(path) as tmp:
+        group = zarr.open_group(str(tmp), mode="w", zarr_format=3)
+        rows = max(1, min(len(grid), 65536))
+        group.create_array("coords", data=grid.coords, chunks=(rows, 2))
+        group.create_array("tissue", data=grid.tissue, chunks=(rows,))
+        group.attrs.update(attrs)
     return path
 
 
@@ -83,10 +132,9 @@ def write_patches_h5(path: Path, slide: Slide, grid: TileGrid) -> Path:
     """
     import h5py
 
-    tmp = _tmp_name(path)
     level_dim = slide.level_dimensions[grid.read_level]
     ds = grid.read_downsample
-    with h5py.File(tmp, "w") as f:
+    with _aside(path) as tmp, h5py.File(tmp, "w") as f:
         coords = f.create_dataset("coords", data=grid.coords, dtype="int64")
         attrs = {
             "patch_size": grid.patch_size,
@@ -112,7 +160,6 @@ def write_patches_h5(path: Path, slide: Slide, grid: TileGrid) -> Path:
             coords.attrs[key] = value
         f.create_dataset("tissue", data=grid.tissue, dtype="float32")
         f.attrs["slide_path"] = str(slide.path)
-    _replace(tmp, path)
     return path
 
 
@@ -247,37 +294,76 @@ def _write_patch_images(
         (out / "stain").mkdir(parents=True, exist_ok=True)
         _stain_preview(out / "stain" / f"{slide_id}_preview.png", before, norm.transform(before))
         return
-    final = out / "images" / slide_id
-    tmp = _tmp_name(final)
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    for images, indices in iter_patches(
-        slide, grid, workers=job.workers, skip_corrupt_tiles=job.skip_corrupt_tiles, skipped=skipped
-    ):
-        if norm is not None:
-            images = norm.transform(images)
-        _save_images(tmp, images, grid.coords[indices], job.save_patches)
-    _replace(tmp, final)
+    with _aside(out / "images" / slide_id) as tmp:
+        tmp.mkdir(parents=True)
+        for images, indices in iter_patches(
+            slide, grid, workers=job.workers, skip_corrupt_tiles=job.skip_corrupt_tiles, skipped=skipped
+        ):
+            if norm is not None:
+                images = norm.transform(images)
+            _save_images(tmp, images, grid.coords[indices], job.save_patches)
+
+
+def _recorded_identity(out: Path, slide_id: str) -> dict[str, Any] | None:
+    """The slide file identity that ``out`` records for ``slide_id`` (coords attrs), else None."""
+    meta = out / "coords" / f"{slide_id}.zarr" / "zarr.json"
+    try:
+        recorded = json.loads(meta.read_text()).get("attributes", {}).get("identity")
+    except (OSError, ValueError, AttributeError):
+        return None  # nothing there (or unreadable): nothing to compare, the slide is redone
+    return recorded if isinstance(recorded, dict) and recorded.get("quick_hash") else None
+
+
+def _same_file(path: Path, recorded: dict[str, Any]) -> bool:
+    st = path.stat()
+    if st.st_size != recorded.get("size"):
+        return False
+    if (str(path.resolve()), st.st_mtime) == (recorded.get("path"), recorded.get("mtime")):
+        return True  # the very file, untouched since: no need to hash it
+    return file_identity(path)["quick_hash"] == recorded["quick_hash"]
+
+
+def check_outputs(paths: list[Path], out: Path) -> None:
+    """Refuse (``OutputConflictError``) to replace a slide that ``out`` holds from another file
+    (another size or content hash) under the same slide id; the same file is simply redone."""
+    for path in paths:
+        sid = slide_id_for(path)
+        recorded = _recorded_identity(out, sid)
+        if recorded is None or _same_file(path, recorded):
+            continue
+        raise OutputConflictError(
+            f"{path}: {out} already holds slide '{sid}' tiled from another file, "
+            f"{recorded.get('path')} ({recorded.get('size')} bytes, {recorded['quick_hash'][:19]}...), "
+            "and would replace it. Fix: pass --overwrite to replace it, tile into another --out, "
+            "or rename one file"
+        )
 
 
 def check_job(job: TileJob) -> list[Path]:
-    """The job's slide paths, after checking what would otherwise fail every slide: the slide
-    arguments (``InputError``) and the stain target (``StainError``)."""
-    paths = expand_slides(job.slides)
+    """The job's slide paths, after checking what would otherwise fail every slide or silently
+    replace outputs: the stain target (``StainError``), the slide arguments (``InputError``)
+    and, unless ``job.overwrite``, slides that the output holds from other files
+    (``OutputConflictError``)."""
     _load_stain(job)
+    paths = expand_slides(job.slides)
+    if not job.overwrite:
+        check_outputs(paths, Path(job.out))
     return paths
 
 
 def run_tile(job: TileJob, *, progress: Callable[[SlideResult], None] | None = None) -> RunSummary:
     """Tile every slide of ``job`` (in this process, or on ``job.cluster``); write the resolved
-    config and ``summary.json`` into ``job.out``. Raises ``InputError`` when a slide argument
-    matches nothing and ``StainError`` for an unusable stain target (before any slide runs)."""
+    config and ``summary.json`` into ``job.out``. Raises (before any slide runs) ``InputError``
+    when a slide argument matches no slide, ``OutputConflictError`` when the output holds a slide
+    of the same id from another file (unless ``job.overwrite``) and ``StainError`` for an
+    unusable stain target. Temporary outputs of dead processes are removed first; this run's own
+    are removed if it is interrupted."""
     from pipelines.cluster import run_slides
 
     paths = check_job(job)
     out = Path(job.out)
     out.mkdir(parents=True, exist_ok=True)
+    clean_stale_tmp(out)
     save_resolved_config(job, out)
     summary = RunSummary("tile")
     for result in run_slides(tile_slide, paths, job, progress=progress):

@@ -57,6 +57,13 @@ def command(
     stain_target: Annotated[
         Path | None, typer.Option(help="reference RGB image or a saved fit (JSON) for --stain")
     ] = None,
+    overwrite: Annotated[
+        bool | None,
+        typer.Option(
+            "--overwrite/--no-overwrite",
+            help="replace slides that OUT holds under the same slide id from another file",
+        ),
+    ] = None,
     cluster: ClusterOption = None,
     cluster_config: ClusterConfigOption = None,
     config: Annotated[Path | None, typer.Option("--config", help=CONFIG_HELP)] = None,
@@ -66,7 +73,8 @@ def command(
 
     Per slide, OUT holds coords/<slide>.zarr (Zarr v3: coords, tissue), patches/<slide>_patches.h5
     (CLAM/TRIDENT), geojson/<slide>.geojson (QuPath) and overlays/<slide>.png; plus config.yaml
-    (the resolved config) and summary.json. A bad slide is reported and the batch goes on.
+    (the resolved config) and summary.json. A bad slide is reported and the batch goes on. A
+    slide that OUT holds from another file of the same name is not replaced without --overwrite.
     Exit code 1 if any slide failed, 2 for a usage or config error.
     """
     from pipelines.config import TileJob
@@ -84,6 +92,7 @@ def command(
         "save_patches": save_patches,
         "skip_corrupt_tiles": skip_corrupt_tiles,
     }
+    overrides["overwrite"] = overwrite
     job = resolve_config(TileJob, config, overrides)
     apply_cluster(job, cluster, cluster_config)
     if not job.slides:
@@ -97,7 +106,7 @@ def run(job) -> None:
     """Run with a rich progress bar; print the summary table; exit 1 if any slide failed."""
     from pipelines.cluster import ClusterProgress
     from pipelines.inputs import InputError
-    from pipelines.tile import check_job, run_tile
+    from pipelines.tile import check_job, run_tile  # OutputConflictError is an InputError
     from wsi.errors import StainError
 
     try:
