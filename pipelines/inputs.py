@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import glob
+import os
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -13,6 +14,12 @@ __all__ = ["SLIDE_SUFFIXES", "InputError", "expand_slides", "slide_id_for"]
 
 class InputError(ValueError):
     """A slide argument matched nothing, or named an unusable file; the message names it."""
+
+
+def _key(p: Path) -> str:
+    """The same file however it is spelled (relative or absolute, ``..``), but symbolic links of
+    other names stay slides of their own (a link is how a file is given another slide id)."""
+    return os.path.abspath(p)
 
 
 def _not_hidden(p: Path) -> Path:
@@ -31,11 +38,11 @@ def expand_slides(items: Iterable[str | Path]) -> list[Path]:
     skipping hidden ones; anything else is treated as a glob pattern. A file named twice (say
     relative and absolute) is kept once; order is sorted. Raises ``InputError`` for an argument
     that matches no slide, a hidden file, or two files with the same slide id."""
-    found: dict[Path, Path] = {}  # resolved -> as given (the first time)
+    found: dict[str, Path] = {}  # absolute path -> as given (the first time)
     for item in items:
         p = Path(item).expanduser()
         if p.is_file():
-            found.setdefault(p.resolve(), _not_hidden(p))
+            found.setdefault(_key(p), _not_hidden(p))
         elif p.is_dir():
             children = [
                 c for c in sorted(p.iterdir())
@@ -48,7 +55,7 @@ def expand_slides(items: Iterable[str | Path]) -> list[Path]:
                     "Fix: check the path, or pass the slide files themselves"
                 )
             for child in children:
-                found.setdefault(child.resolve(), child)
+                found.setdefault(_key(child), child)
         else:
             matches = sorted(glob.glob(str(p), recursive=True))
             files = [Path(m) for m in matches if Path(m).is_file()]
@@ -58,7 +65,7 @@ def expand_slides(items: Iterable[str | Path]) -> list[Path]:
                     "Fix: check the path or quote the glob pattern"
                 )
             for f in files:
-                found.setdefault(f.resolve(), _not_hidden(f))
+                found.setdefault(_key(f), _not_hidden(f))
     paths = sorted(found.values())
     ids: dict[str, Path] = {}
     for p in paths:
